@@ -1,0 +1,186 @@
+"""The intermediate representation: one target-neutral, frozen, fully resolved model of the gateway.
+
+Everything a renderer needs is decided here: defaults applied, names derived, order fixed, durations in
+milliseconds. Renderers read only this, never the policy, so one IR renders identically for every target.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Endpoint(Frozen):
+    name: str
+    """`provider.openai.us-east.ep0`: the provider cluster name plus the endpoint's index in the policy."""
+    host: str
+    port: int
+    tls: bool
+    weight: int
+
+
+class Outlier(Frozen):
+    consecutive_5xx: int
+    interval_ms: int
+    ejection_ms: int
+    max_ejection_percent: int
+
+
+class Breakers(Frozen):
+    max_connections: int
+    max_pending: int
+    max_requests: int
+    max_retries: int
+
+
+class Fault(Frozen):
+    name: str
+    """The policy's key (`openai-slow`); runtime keys `meshgen.chaos.<name>.{delay,abort}_percent` switch it."""
+    delay_ms: int | None
+    abort_status: int | None
+    percent: float
+    """The share `meshgen chaos` switches it to; compiled in at 0 %."""
+
+
+class ProviderCluster(Frozen):
+    """One provider's endpoints in one region: `provider.openai.us-east` (`.global` when unplaced)."""
+
+    name: str
+    provider: str
+    region: str
+    schema_: Literal["openai", "anthropic"]
+    endpoints: tuple[Endpoint, ...]
+    timeout_ms: int
+    connect_timeout_ms: int
+    outlier: Outlier
+    breakers: Breakers
+    faults: tuple[Fault, ...]
+    """Faults aimed at this cluster; non-empty means a chaos hop sits in front of it."""
+
+
+class Hedge(Frozen):
+    after_ms: int
+
+
+class Canary(Frozen):
+    model: str
+    weight: float
+    header_name: str
+    header_value: str
+
+
+class Mirror(Frozen):
+    model: str
+    percent: float
+
+
+class Model(Frozen):
+    name: str
+    provider: str
+    schema_: Literal["openai", "anthropic"]
+    upstream_name: str
+    failover: tuple[str, ...]
+    """Failover models rendered now: the same schema as this model's provider."""
+    failover_deferred: tuple[str, ...]
+    """Failover models across schemas: need the translating upstream ext_proc, not yet rendered."""
+    hedge: Hedge | None
+    canary: Canary | None
+    mirror: Mirror | None
+    downgrade: str | None
+    price_input_per_mtok: float | None
+    price_output_per_mtok: float | None
+    affinity_header: str | None
+    retries: int
+    per_try_timeout_ms: int | None
+    timeout_ms: int
+    max_tokens_default: int
+
+
+class Limits(Frozen):
+    rpm: int | None
+    tpm: int | None
+    tpd: int | None
+    usd_per_day: float | None
+
+
+class NonCritical(Frozen):
+    header: str
+    value: str
+    queue_max_wait_ms: int
+
+
+class Tenant(Frozen):
+    name: str
+    key_hashes: tuple[str, ...]
+    """Hex sha256 digests, sorted; the policy's `sha256:` prefix is dropped."""
+    models: tuple[str, ...]
+    limits: Limits
+    alerts_at: tuple[float, ...]
+    non_critical: NonCritical | None
+
+
+class Jwt(Frozen):
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+
+
+class Region(Frozen):
+    name: str
+    auth: Literal["api-key", "jwt", "mtls"]
+    jwt: Jwt | None
+    chains: tuple[tuple[str, tuple[str, ...]], ...]
+    """(model, provider clusters in priority order) for this region: local clusters first, then other regions,
+    then each same-schema failover model the same way."""
+
+
+class Slo(Frozen):
+    name: str
+    objective: float
+    window_ms: int
+    threshold_ms: int | None
+
+
+class Service(Frozen):
+    timeout_ms: int
+    failure_mode: Literal["open", "closed"]
+    max_request_bytes: int
+    store: Literal["sqlite", "redis"]
+
+
+class Ports(Frozen):
+    """Loopback ports of the `local` target, keyed by what listens there (`listener.us-east`, `admin.us-east`,
+    `service`, `chaos.provider.openai.us-east`, `provider.openai.us-east.ep0`). Derived from `lab.base_port`;
+    tests swap in free ports with `model_copy`."""
+
+    by_name: tuple[tuple[str, int], ...]
+
+    def of(self, name: str) -> int:
+        for key, port in self.by_name:
+            if key == name:
+                return port
+        raise KeyError(name)
+
+
+class Gateway(Frozen):
+    name: str
+    source: str
+    """The policy file as given on the command line: named in every generated file's header."""
+    regions: tuple[Region, ...]
+    clusters: tuple[ProviderCluster, ...]
+    models: tuple[Model, ...]
+    tenants: tuple[Tenant, ...]
+    slos: tuple[Slo, ...]
+    service: Service
+    ports: Ports
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    def cluster(self, name: str) -> ProviderCluster:
+        return next(c for c in self.clusters if c.name == name)

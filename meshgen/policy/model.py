@@ -1,0 +1,226 @@
+"""The policy file's vocabulary: pydantic models with ``extra="forbid"``.
+
+Field shapes are checked here; cross-references (unknown models, failover cycles, duplicate keys) live in
+``checks.py`` so that every error in a file is reported in one run. Fields marked *not yet rendered* are
+validated now so a policy written today stays valid, and are compiled by a later issue.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration(value: object) -> int:
+    """'250ms' | '5s' | '2m' | '1h' | '30d' → milliseconds. Bare numbers are refused: their unit is a guess."""
+    if isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match:
+            ms = float(match.group(1)) * _UNIT_MS[match.group(2)]
+            if ms > 0 and ms == int(ms):
+                return int(ms)
+    raise ValueError(f"bad duration {value!r}: use a positive number with a unit, e.g. 250ms, 5s, 2m, 1h, 30d")
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+"""A duration in the file ('5s'), an integer of milliseconds once loaded."""
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", max_length=63)]
+KeyHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+
+def _sorted_unique(values: list[float]) -> list[float]:
+    if sorted(set(values)) != values:
+        raise ValueError("alert thresholds must be increasing and distinct, e.g. [0.8, 0.9, 1.0]")
+    return values
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Jwt(Strict):
+    """Not yet rendered (the JWT filter comes with the security issue)."""
+
+    issuer: str
+    audiences: list[str] = Field(min_length=1)
+    jwks_uri: str | None = None
+
+
+class Region(Strict):
+    auth: Literal["api-key", "jwt", "mtls"] = "api-key"
+    jwt: Jwt | None = None
+    """Required when ``auth: jwt``. Not yet rendered."""
+
+
+class Endpoint(Strict):
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^/\s:]+(:\d{1,5})?/?$")]
+    region: Name | None = None
+    """Region the endpoint lives in; none means reachable from every region alike (cluster ``provider.<p>.global``)."""
+    weight: int = Field(1, ge=1, le=128)
+
+
+class Outlier(Strict):
+    consecutive_5xx: int = Field(5, ge=1)
+    interval: Duration = 10_000
+    ejection: Duration = 30_000
+    max_ejection_percent: int = Field(50, ge=1, le=100)
+
+
+class CircuitBreakers(Strict):
+    max_connections: int = Field(1024, ge=1)
+    max_pending: int = Field(256, ge=1)
+    max_requests: int = Field(1024, ge=1)
+    max_retries: int = Field(64, ge=1)
+
+
+class ProviderDefaults(Strict):
+    timeout: Duration = 30_000
+    connect_timeout: Duration = 2_000
+    outlier: Outlier = Outlier()
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
+
+
+class Provider(Strict):
+    schema_: Literal["openai", "anthropic"] = Field(alias="schema")
+    endpoints: list[Endpoint] = Field(min_length=1)
+    api_key_env: str | None = None
+    """Environment variable holding the provider key. Not yet rendered (provider auth is injected upstream later)."""
+    timeout: Duration | None = None
+    connect_timeout: Duration | None = None
+    outlier: Outlier | None = None
+    circuit_breakers: CircuitBreakers | None = None
+
+
+class Hedge(Strict):
+    after: Duration
+    """Send a second attempt to the next failover target when the first has no response headers by then."""
+
+
+class Canary(Strict):
+    model: Name
+    weight: Percent = 10
+    header: dict[str, str] = Field(default_factory=lambda: {"X-Model-Version": "beta"}, max_length=1)
+
+
+class Mirror(Strict):
+    model: Name
+    percent: Percent = 100
+
+
+class Price(Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class Affinity(Strict):
+    header: str = Field(pattern=r"^[A-Za-z0-9-]+$")
+
+
+class Retry(Strict):
+    attempts: int = Field(2, ge=0, le=10)
+    per_try_timeout: Duration | None = None
+
+
+class ModelSpec(Strict):
+    provider: Name
+    upstream_name: str | None = None
+    """Model name the provider knows; defaults to the key. Not yet rendered (body rewrite comes with upstream ext_proc)."""
+    failover: list[Name] | None = None
+    hedge: Hedge | None = None
+    canary: Canary | None = None
+    mirror: Mirror | None = None
+    downgrade: Name | None = None
+    """Cheaper model served once the tenant's budget is spent. Not yet rendered (token economy issue)."""
+    price: Price | None = None
+    """Not yet rendered (token economy issue)."""
+    affinity: Affinity | None = None
+    retry: Retry = Retry()
+    max_tokens_default: int = Field(1024, ge=1)
+    """Reservation size when a request names no max_tokens. Not yet rendered (token economy issue)."""
+    timeout: Duration | None = None
+
+
+class Limits(Strict):
+    rpm: int | None = Field(None, ge=1)
+    """Requests per minute, enforced by Envoy's local rate limit per gateway replica."""
+    tpm: int | None = Field(None, ge=1)
+    tpd: int | None = Field(None, ge=1)
+    usd_per_day: float | None = Field(None, gt=0)
+    """tpm, tpd and usd_per_day: not yet rendered (token economy issue)."""
+
+
+class NonCritical(Strict):
+    """Not yet rendered (token economy issue)."""
+
+    header: str = "x-priority"
+    value: str = "low"
+    queue_max_wait: Duration = 20_000
+
+
+class Tenant(Strict):
+    keys: list[KeyHash] = Field(min_length=1)
+    models: list[Name]
+    limits: Limits = Limits()
+    alerts_at: Annotated[list[Annotated[float, Field(gt=0, le=1)]], AfterValidator(_sorted_unique)] = Field(
+        default_factory=lambda: [0.8, 0.9, 1.0]
+    )
+    non_critical: NonCritical | None = None
+
+
+class FaultTarget(Strict):
+    provider: Name
+    region: Name | None = None
+
+
+class Fault(Strict):
+    target: FaultTarget
+    delay: Duration | None = None
+    abort: int | None = Field(None, ge=200, le=599)
+    percent: Percent = 100
+    """Share of requests hit once the fault is switched on; compiled in at 0 %."""
+
+
+class Slo(Strict):
+    """Not yet rendered (Prometheus rules come with the observability issue)."""
+
+    objective: float = Field(gt=0, lt=100)
+    window: Duration = 30 * 86_400_000
+    threshold: Duration | None = None
+    """With a threshold this is a latency SLO: share of requests answered faster than it."""
+
+
+class Service(Strict):
+    """The data-plane service (``ext_proc/``) as Envoy sees it."""
+
+    timeout: Duration = 250
+    failure_mode: Literal["open", "closed"] = "closed"
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    store: Literal["sqlite", "redis"] = "sqlite"
+    """Not yet rendered (token economy issue)."""
+
+
+class Lab(Strict):
+    """Where the `generated/local/` target puts things on this machine."""
+
+    base_port: int = Field(18000, ge=1024, le=60000)
+
+
+class Policy(Strict):
+    api_version: Literal["meshgen/v1"] = Field(alias="apiVersion")
+    name: Name
+    service: Service = Service()
+    regions: dict[Name, Region] = Field(min_length=1)
+    provider_defaults: ProviderDefaults = ProviderDefaults()
+    providers: dict[Name, Provider] = Field(min_length=1)
+    models: dict[Name, ModelSpec] = Field(min_length=1)
+    tenants: dict[Name, Tenant] = Field(default_factory=dict)
+    chaos: dict[Name, Fault] = Field(default_factory=dict)
+    slos: dict[Name, Slo] = Field(default_factory=dict)
+    lab: Lab = Lab()

@@ -1,0 +1,1 @@
+"""Renderers: pure functions IR → documents. No I/O, no clock, no randomness."""

@@ -1,0 +1,180 @@
+"""Clusters: one per provider and region, an aggregate per model chain, the data-plane service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshgen.ir import model as ir
+from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
+from meshgen.render.envoy.routes import chain_cluster
+from meshgen.render.envoy.target import Address, Placement
+from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration
+
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _http1() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS,
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
+
+
+def _load_assignment(name: str, endpoints: list[tuple[Address, int, dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": a.socket(), "hostname": a.host}, "load_balancing_weight": weight}
+                    | ({"metadata": {"filter_metadata": {"meshgen": meta}}} if meta else {})
+                    for a, weight, meta in endpoints
+                ]
+            }
+        ],
+    }
+
+
+def _discovery(addresses: list[Address]) -> dict[str, Any]:
+    if all(a.is_ip for a in addresses):
+        return {"type": "STATIC"}
+    return {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
+
+
+def _tls(sni: str) -> dict[str, Any]:
+    return {
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": f"{API}.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": sni,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": CA_BUNDLE},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": sni}},
+                        ],
+                    }
+                },
+            },
+        }
+    }
+
+
+def _resilience(c: ir.ProviderCluster) -> dict[str, Any]:
+    o, b = c.outlier, c.breakers
+    return {
+        # No panic routing: an ejected provider stays out, and traffic moves to the next priority in the chain
+        # (or gets a clear 503) instead of being sprayed back onto the failing endpoints.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "outlier_detection": {
+            "consecutive_5xx": o.consecutive_5xx,
+            "enforcing_consecutive_5xx": 100,
+            "interval": duration(o.interval_ms),
+            "base_ejection_time": duration(o.ejection_ms),
+            "max_ejection_percent": o.max_ejection_percent,
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": b.max_connections,
+                    "max_pending_requests": b.max_pending,
+                    "max_requests": b.max_requests,
+                    "max_retries": b.max_retries,
+                }
+            ]
+        },
+    }
+
+
+def hashed_clusters(gw: ir.Gateway) -> frozenset[str]:
+    """Affinity (same session → same endpoint) needs ring hash on every cluster such a model can land on."""
+    hashed = {m.name for m in gw.models if m.affinity_header}
+    return frozenset(c for r in gw.regions for model, chain in r.chains if model in hashed for c in chain)
+
+
+def direct_name(c: ir.ProviderCluster) -> str:
+    return f"{c.name}.direct"
+
+
+def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: bool) -> list[dict[str, Any]]:
+    """The router-facing `provider.<p>.<region>`; with faults it goes through a chaos hop to `.direct`."""
+    endpoints = [(place.endpoint(e), e.weight, {"provider": c.provider, "endpoint": e.name}) for e in c.endpoints]
+    tls = [e for e in c.endpoints if place.tls(e)]
+    real = {
+        "connect_timeout": duration(c.connect_timeout_ms),
+        **_discovery([a for a, _, _ in endpoints]),
+        "lb_policy": "RING_HASH" if ring_hash else "LEAST_REQUEST",
+        "typed_extension_protocol_options": _http1(),
+        **(_tls(tls[0].host) if tls else {}),
+    }
+    if not c.faults:
+        return [{"name": c.name, **real, **_resilience(c), "load_assignment": _load_assignment(c.name, endpoints)}]
+    hop = place.chaos_hop(c)
+    return [
+        {
+            "name": c.name,
+            "connect_timeout": duration(c.connect_timeout_ms),
+            "type": "STATIC",
+            "lb_policy": "ROUND_ROBIN",
+            "typed_extension_protocol_options": _http1(),
+            **_resilience(c),
+            "load_assignment": _load_assignment(c.name, [(hop, 1, {"provider": c.provider, "chaos_hop": c.name})]),
+        },
+        {
+            "name": direct_name(c),
+            **real,
+            **_resilience(c),
+            "load_assignment": _load_assignment(direct_name(c), endpoints),
+        },
+    ]
+
+
+def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
+    """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1)."""
+    clusters = []
+    for model, chain in region.chains:
+        # Hedges and retries count against the aggregate's retry breaker (default 3): allow one per request
+        # that the chain's providers could hold at once, so none is silently dropped.
+        max_retries = sum(gw.cluster(c).breakers.max_requests for c in chain)
+        clusters.append(
+            {
+                "name": chain_cluster(model),
+                "connect_timeout": "1s",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "cluster_type": {
+                    "name": "envoy.clusters.aggregate",
+                    "typed_config": {
+                        "@type": f"{API}.extensions.clusters.aggregate.v3.ClusterConfig",
+                        "clusters": list(chain),
+                    },
+                },
+                "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": max_retries}]},
+            }
+        )
+    return clusters
+
+
+def service_cluster(place: Placement) -> dict[str, Any]:
+    address = place.service()
+    return {
+        "name": SERVICE_CLUSTER,
+        "connect_timeout": "1s",
+        **_discovery([address]),
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": _http1(),
+        "circuit_breakers": {
+            "thresholds": [{"priority": "DEFAULT", "max_connections": 4096, "max_pending_requests": 4096,
+                            "max_requests": 4096}]
+        },
+        "load_assignment": _load_assignment(SERVICE_CLUSTER, [(address, 1, {})]),
+    }
+
+
+def all_clusters(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
+    hashed = hashed_clusters(gw)
+    providers = [cl for c in gw.clusters for cl in provider_clusters(place, c, ring_hash=c.name in hashed)]
+    return [service_cluster(place), *providers, *chain_clusters(gw, region)]

@@ -1,0 +1,150 @@
+"""Listeners: the region's gateway, and one chaos hop per provider cluster that has faults.
+
+Gateway filter order (each position has a reason):
+
+| # | filter                  | why here                                                                        |
+|---|-------------------------|---------------------------------------------------------------------------------|
+| 0 | early header mutation   | strips client `x-meshgen-*` before any filter, route or log can see them        |
+| 1 | json_to_metadata        | model/stream/max_tokens from the body; holds headers until parsed, so all later |
+|   |                         | filters and the route match see the model (~35 µs, no Python)                   |
+| 2 | ext_authz (HTTP/1.1)    | key → tenant, model access; answers the tenant and re-route headers that the    |
+|   |                         | rate limit, RBAC and route use; the only blocking Python call                   |
+| 3 | local_ratelimit         | per-tenant RPM, needs the tenant header from (2)                                |
+| 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
+| 5 | router                  | routes on the model, retries, hedges, mirrors                                   |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshgen.ir import model as ir
+from meshgen.render.envoy.clusters import direct_name
+from meshgen.render.envoy.filters.ext_authz import ext_authz_filter
+from meshgen.render.envoy.filters.fault import fault_filter
+from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
+from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
+from meshgen.render.envoy.filters.rbac import rbac_filter
+from meshgen.render.envoy.routes import route_config
+from meshgen.render.envoy.target import Placement
+from meshgen.render.envoy.types import API, HCM, META_NS, ROUTER, TENANT_HEADER, filter_, openai_error
+
+_STRIP_INTERNAL = {
+    "name": "envoy.http.early_header_mutation.header_mutation",
+    "typed_config": {
+        "@type": f"{API}.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+        "mutations": [{"remove_on_match": {"key_matcher": {"prefix": "x-meshgen-"}}}],
+    },
+}
+
+# What the operator sees per request: no bodies, no keys, no prompts.
+_ACCESS_LOG_FIELDS = {
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "cluster": "%UPSTREAM_CLUSTER%",
+    "duration_ms": "%DURATION%",
+    "flags": "%RESPONSE_FLAGS%",
+    "method": "%REQ(:METHOD)%",
+    "model": f"%DYNAMIC_METADATA({META_NS}:model)%",
+    "path": "%REQ(:PATH)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "route": "%ROUTE_NAME%",
+    "status": "%RESPONSE_CODE%",
+    "tenant": f"%REQ({TENANT_HEADER.upper()})%",
+    "upstream": "%UPSTREAM_HOST%",
+}
+
+# Envoy's own refusals, answered in the same OpenAI error shape as the service's: (filter, status, error).
+_LOCAL_REPLIES = (
+    ({"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "meshgen.rbac"}}}},
+     403, ("The tenant may not use this model.", "permission_error", "model_not_allowed")),
+    ({"response_flag_filter": {"flags": ["RL"]}},
+     429, ("Request rate limit reached for this tenant.", "rate_limit_error", "rate_limit_exceeded")),
+    ({"response_flag_filter": {"flags": ["UH"]}},
+     503, ("No healthy provider can serve this model right now.", "server_error", "no_healthy_upstream")),
+    ({"response_flag_filter": {"flags": ["UT"]}},
+     504, ("The provider did not answer in time.", "server_error", "upstream_timeout")),
+)
+
+
+def _local_reply_config() -> dict[str, Any]:
+    # The service's own refusals (flag UAEX) already carry its OpenAI body: the first mapper matches them and
+    # changes nothing, so the 403 mapper below only ever rewrites Envoy's RBAC denials.
+    keep_service_answer = {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}}
+    return {
+        "mappers": [
+            keep_service_answer,
+            *(
+                {
+                    "filter": match,
+                    "status_code": status,
+                    "body": {"inline_string": openai_error(*error)},
+                    "body_format_override": {
+                        "text_format": "%LOCAL_REPLY_BODY%",
+                        "content_type": "application/json",
+                    },
+                }
+                for match, status, error in _LOCAL_REPLIES
+            ),
+        ]
+    }
+
+
+def _hcm_filter(config: dict[str, Any]) -> dict[str, Any]:
+    return {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {"@type": HCM, **config}}]}
+
+
+def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dict[str, Any]:
+    limiter = local_ratelimit_filter(gw)
+    http_filters = [
+        json_to_metadata_filter(),
+        ext_authz_filter(gw),
+        *([limiter] if limiter else []),
+        rbac_filter(gw),
+        filter_("envoy.filters.http.router", ROUTER, {}),
+    ]
+    hcm = {
+        "stat_prefix": f"gateway.{region.name}",
+        "codec_type": "AUTO",
+        "early_header_mutation_extensions": [_STRIP_INTERNAL],
+        # An underscore twin (x_meshgen_tenant) could be normalised into an internal header further on.
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        "normalize_path": True,
+        "merge_slashes": True,
+        "route_config": route_config(gw, region),
+        "http_filters": http_filters,
+        "local_reply_config": _local_reply_config(),
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": f"{API}.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"json_format": _ACCESS_LOG_FIELDS},
+                },
+            }
+        ],
+    }
+    return {"name": f"gateway.{region.name}", "address": place.listener().socket(), "filter_chains": [_hcm_filter(hcm)]}
+
+
+def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any]:
+    """Faults here look like a failing provider to the gateway's router, so retries, failover and hedging react
+    (a route-level fault is a local reply that is never retried; ENVOY-FACTS §7)."""
+    hcm = {
+        "stat_prefix": f"chaos.{c.name}",
+        "route_config": {
+            "name": f"chaos.{c.name}",
+            "virtual_hosts": [
+                {
+                    "name": "provider",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": direct_name(c), "timeout": "0s"}}],
+                }
+            ],
+        },
+        "http_filters": [*(fault_filter(f) for f in c.faults), filter_("envoy.filters.http.router", ROUTER, {})],
+    }
+    return {"name": f"chaos.{c.name}", "address": place.chaos_hop(c).socket(), "filter_chains": [_hcm_filter(hcm)]}
+
+
+def all_listeners(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
+    return [gateway_listener(gw, place, region), *(chaos_hop_listener(place, c) for c in gw.clusters if c.faults)]

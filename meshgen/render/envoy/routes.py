@@ -1,0 +1,165 @@
+"""Routes: the model named in the body (or re-routed by the service) → that model's failover chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshgen.ir import model as ir
+from meshgen.render.envoy.types import (
+    CLIENT_KEY_HEADERS,
+    META_NS,
+    MIRROR_HEADER,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+    duration,
+    openai_error,
+    percent,
+)
+
+RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
+UNKNOWN_MODEL_BODY = openai_error(
+    "The model does not exist or this gateway does not serve it.", "invalid_request_error", "model_not_found"
+)
+
+
+def chain_cluster(model: str) -> str:
+    return f"model.{model}.chain"
+
+
+def _body_model_is(model: str) -> dict[str, Any]:
+    return {"filter": META_NS, "path": [{"key": "model"}], "value": {"string_match": {"exact": model}}}
+
+
+def retry_policy(model: ir.Model, chain_length: int) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "retry_on": RETRY_ON,
+        "retriable_status_codes": [429],
+        "num_retries": max(model.retries, 1 if model.hedge else 0),
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        # A provider's 429 says when to come back; Envoy waits that long (capped) instead of its own back-off.
+        "rate_limited_retry_back_off": {
+            "reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
+            "max_interval": "10s",
+        },
+    }
+    if model.per_try_timeout_ms is not None:
+        policy["per_try_timeout"] = duration(model.per_try_timeout_ms)
+    if chain_length > 1:
+        # Each retry or hedge goes to the next priority: the next region, then the next failover model.
+        policy["retry_priority"] = {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
+                ".PreviousPrioritiesConfig",
+                "update_frequency": 1,
+            },
+        }
+    return policy
+
+
+def route_action(model: ir.Model, chains: dict[str, tuple[str, ...]], *, canary: bool) -> dict[str, Any]:
+    action: dict[str, Any] = {"timeout": duration(model.timeout_ms)}
+    if canary and model.canary and 0 < model.canary.weight < 100:
+        beta = round(model.canary.weight * 100)
+        action["weighted_clusters"] = {
+            "clusters": [
+                {"name": chain_cluster(model.name), "weight": 10_000 - beta},
+                {"name": chain_cluster(model.canary.model), "weight": beta},
+            ]
+        }
+    elif canary and model.canary and model.canary.weight >= 100:
+        action["cluster"] = chain_cluster(model.canary.model)
+    else:
+        action["cluster"] = chain_cluster(model.name)
+    action["retry_policy"] = retry_policy(model, len(chains[model.name]))
+    if model.hedge:
+        action["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+    if model.mirror:
+        action["request_mirror_policies"] = [
+            {
+                "cluster": chain_cluster(model.mirror.model),
+                "runtime_fraction": {
+                    "default_value": percent(model.mirror.percent),
+                    "runtime_key": f"meshgen.mirror.{model.name}",
+                },
+                "disable_shadow_host_suffix_append": True,
+                "request_headers_mutations": [
+                    {"append": {"header": {"key": MIRROR_HEADER, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+                ],
+            }
+        ]
+    if model.affinity_header:
+        action["hash_policy"] = [{"header": {"header_name": model.affinity_header}}]
+    return action
+
+
+def _route(name: str, match: dict[str, Any], action: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "match": {"prefix": "/", **match},
+        "route": action,
+        # The client's key and our internal answers stop at the gateway; providers get their own auth.
+        "request_headers_to_remove": [*CLIENT_KEY_HEADERS, TENANT_HEADER, ROUTE_HEADER],
+    }
+
+
+def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
+    chains = dict(region.chains)
+    # The service's re-route answer outranks the body, so these come first.
+    routes = [
+        _route(
+            f"model.{m.name}.routed",
+            {"headers": [{"name": ROUTE_HEADER, "string_match": {"exact": m.name}}]},
+            route_action(m, chains, canary=False),
+        )
+        for m in gw.models
+    ]
+    for m in gw.models:
+        if m.canary and m.canary.header_name:
+            header = {"name": m.canary.header_name, "string_match": {"exact": m.canary.header_value}}
+            beta = gw.model(m.canary.model)
+            routes.append(
+                _route(
+                    f"model.{m.name}.beta",
+                    {"headers": [header], "dynamic_metadata": [_body_model_is(m.name)]},
+                    route_action(beta, chains, canary=False) | {"timeout": duration(m.timeout_ms)},
+                )
+            )
+        routes.append(
+            _route(
+                f"model.{m.name}.canary" if m.canary else f"model.{m.name}",
+                {"dynamic_metadata": [_body_model_is(m.name)]},
+                route_action(m, chains, canary=True),
+            )
+        )
+    routes.append(
+        {
+            "name": "model.unknown",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": UNKNOWN_MODEL_BODY}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        }
+    )
+    return routes
+
+
+def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
+    return {
+        "name": f"gateway.{region.name}",
+        "virtual_hosts": [
+            {
+                "name": "llm",
+                "domains": ["*"],
+                "include_request_attempt_count": True,
+                "routes": build_routes(gw, region),
+            }
+        ],
+    }

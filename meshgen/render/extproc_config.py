@@ -1,0 +1,41 @@
+"""The data-plane service's config: its own contract (`ext_proc.config`), filled from the IR."""
+
+from __future__ import annotations
+
+from meshgen.ir import model as ir
+from meshgen.render.document import Document
+from meshgen.render.envoy.target import Target
+
+
+def service_config(gw: ir.Gateway) -> dict[str, object]:
+    return {
+        "schema_version": 1,
+        "policy": gw.name,
+        "failure_mode": gw.service.failure_mode,
+        "models": {
+            m.name: {
+                "provider": m.provider,
+                "upstream_name": m.upstream_name,
+                "downgrade": m.downgrade,
+                "max_tokens_default": m.max_tokens_default,
+                "price": {"input_per_mtok": m.price_input_per_mtok, "output_per_mtok": m.price_output_per_mtok}
+                if m.price_input_per_mtok is not None
+                else None,
+            }
+            for m in gw.models
+        },
+        "tenants": {
+            t.name: {
+                "key_hashes": list(t.key_hashes),
+                "models": list(t.models),
+                "limits": t.limits.model_dump(),
+                "alerts_at": list(t.alerts_at),
+                "non_critical": t.non_critical.model_dump() if t.non_critical else None,
+            }
+            for t in gw.tenants
+        },
+    }
+
+
+def render_service_config(gw: ir.Gateway, target: Target) -> Document:
+    return Document(f"{target}/service.json", service_config(gw))

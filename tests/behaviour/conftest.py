@@ -1,0 +1,102 @@
+"""The gateway as users run it: `meshgen build` output for tests/behaviour/policy.yaml, with free ports, run by
+the real Envoy in front of the real data-plane service and mock providers that record what they receive."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshgen import output
+from meshgen.compile import compile_gateway, render_all
+from meshgen.ir.model import Gateway, Ports
+from tests.ext_proc.kit import ServiceProcess
+from tests.support import EnvoyProcess, MockUpstream, free_ports, require_binary
+
+POLICY = Path(__file__).with_name("policy.yaml")
+TEAM_KEY = "sk-test-team"
+DEV_KEY = "sk-test-dev"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Lab:
+    gw: Gateway
+    envoy: EnvoyProcess
+    upstream: MockUpstream
+    port: int
+
+    def post(
+        self,
+        body: Mapping[str, Any] | bytes,
+        *,
+        key: str | None = TEAM_KEY,
+        headers: Mapping[str, str] | None = None,
+        conn: http.client.HTTPConnection | None = None,
+    ) -> Reply:
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        sent = {"content-type": "application/json", **(headers or {})}
+        if key is not None:
+            sent["authorization"] = f"Bearer {key}"
+        try:
+            conn.request("POST", "/v1/chat/completions", body=payload, headers=sent)
+            response = conn.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            if own:
+                conn.close()
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def with_free_ports(gw: Gateway, service_port: int) -> Gateway:
+    names = [name for name, _ in gw.ports.by_name if name != "service"]
+    ports = dict(zip(names, free_ports(len(names)), strict=True)) | {"service": service_port}
+    return gw.model_copy(update={"ports": Ports(by_name=tuple(ports.items()))})
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    require_binary("envoy")
+    out = tmp_path_factory.mktemp("generated")
+    gw = compile_gateway(POLICY)
+    config = out / "service.json"
+    config.write_text(json.dumps(next(d for d in render_all(gw) if d.path == "local/service.json").data))
+    service = ServiceProcess(config).start()
+    try:
+        gw = with_free_ports(gw, service.port)
+        output.write(out / "gen", output.serialize(render_all(gw), source=POLICY.name, version="test"))
+        endpoints = {e.name: gw.ports.of(e.name) for c in gw.clusters for e in c.endpoints}
+        with (
+            MockUpstream(endpoints) as upstream,
+            EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")) as envoy,
+        ):
+            yield Lab(gw, envoy, upstream, gw.ports.of("listener.us-east"))
+    finally:
+        service.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(request: pytest.FixtureRequest) -> None:
+    if "lab" in request.fixturenames:
+        lab: Lab = request.getfixturevalue("lab")
+        lab.upstream.reset()
+        lab.upstream.clear()

@@ -1,0 +1,142 @@
+"""What a client and a provider see through the real Envoy + the real data-plane service."""
+
+from __future__ import annotations
+
+import http.client
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.behaviour.conftest import DEV_KEY, Lab, chat
+
+OPENAI = "provider.openai.us-east.ep0"
+BETA = "provider.openai-beta.us-east.ep0"
+SHADOW = "provider.shadow.us-east.ep0"
+PRIMARY = "provider.primary.us-east.ep0"
+BACKUP = "provider.backup.us-east.ep0"
+FLAKY = "provider.flaky.us-east.ep0"
+CLAUDE = "provider.claude.global.ep0"
+
+
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [("failover-model", PRIMARY), ("eject-model", FLAKY), ("claude-model", CLAUDE)],
+    ids=["openai-schema", "second-provider", "anthropic-schema"],
+)
+def test_body_model_routes_to_its_provider(lab: Lab, model: str, label: str) -> None:
+    reply = lab.post(chat(model))
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-served-by"] == label
+    (seen,) = lab.upstream.requests(label)
+    assert seen.json()["model"] == model
+    # The client's key never reaches a provider, nor do the gateway's internal answers.
+    assert "authorization" not in seen.headers
+    assert not [h for h in seen.headers if h.startswith("x-meshgen-")]
+
+
+def test_canary_takes_ten_percent(lab: Lab) -> None:
+    def send(n: int) -> Counter[str]:
+        served: Counter[str] = Counter()
+        conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
+        try:
+            for _ in range(n):
+                reply = lab.post(chat("gpt-4o"), conn=conn)
+                assert reply.status == 200, reply.body
+                served[reply.headers["x-served-by"]] += 1
+        finally:
+            conn.close()
+        return served
+
+    with ThreadPoolExecutor(8) as pool:
+        served = sum(pool.map(send, [250] * 8), Counter())
+    assert served.total() == 2000
+    assert set(served) == {OPENAI, BETA}
+    assert 0.075 <= served[BETA] / 2000 <= 0.125, served
+
+
+def test_beta_header_always_reaches_beta(lab: Lab) -> None:
+    served = Counter(lab.post(chat("gpt-4o"), headers={"X-Model-Version": "beta"}).headers["x-served-by"] for _ in range(40))
+    assert served == {BETA: 40}
+
+
+def test_mirror_gets_a_copy_while_client_gets_the_primary(lab: Lab) -> None:
+    reply = lab.post(chat("gpt-4o", user="mirror-test"), headers={"x-mock": f"status=500@{SHADOW}"})
+    assert reply.status == 200
+    assert reply.headers["x-served-by"] in (OPENAI, BETA)
+    (copy,) = lab.upstream.wait_for(SHADOW, 1)
+    assert copy.json()["user"] == "mirror-test"
+    assert copy.headers["x-meshgen-mirror"] == "1", "the shadow leg must be marked so it is never billed"
+    assert "authorization" not in copy.headers
+
+
+def test_primary_503_fails_over_to_same_schema_backup(lab: Lab) -> None:
+    reply = lab.post(chat("failover-model"), headers={"x-mock": f"status=503@{PRIMARY}"})
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-served-by"] == BACKUP
+    assert lab.upstream.count(PRIMARY) == 1
+    assert lab.upstream.requests(BACKUP)[0].headers["x-envoy-attempt-count"] == "2"
+
+
+def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Lab) -> None:
+    assert lab.post(chat("failover-model")).headers["x-served-by"] == PRIMARY
+    lab.envoy.runtime_modify({"meshgen.chaos.primary-down.abort_percent": 100})
+    try:
+        lab.upstream.clear()
+        reply = lab.post(chat("failover-model"))
+        assert reply.status == 200
+        assert reply.headers["x-served-by"] == BACKUP
+        assert lab.upstream.count(PRIMARY) == 0
+    finally:
+        lab.envoy.runtime_modify({"meshgen.chaos.primary-down.abort_percent": 0})
+    assert lab.post(chat("failover-model")).headers["x-served-by"] == PRIMARY
+
+
+def test_consecutive_5xx_eject_the_endpoint(lab: Lab) -> None:
+    ejections = "cluster.provider.flaky.us-east.outlier_detection.ejections_enforced_consecutive_5xx"
+    assert lab.envoy.stat(ejections) == 0
+    for _ in range(3):
+        assert lab.post(chat("eject-model"), headers={"x-mock": "status=500"}).status == 500
+    lab.envoy.wait_stat(ejections, 1)
+    reply = lab.post(chat("eject-model"))
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "no_healthy_upstream"
+    assert lab.upstream.count(FLAKY) == 3
+
+
+def test_client_supplied_internal_headers_change_nothing(lab: Lab) -> None:
+    forged = {"x-meshgen-tenant": "team", "x-meshgen-route": "eject-model", "x-meshgen-model": "eject-model"}
+    # dev may only use dev-model: claiming to be team, or re-routing itself, gets it nowhere.
+    denied = lab.post(chat("failover-model"), key=DEV_KEY, headers=forged)
+    assert denied.status == 403
+    assert denied.json()["error"]["code"] == "model_not_allowed"
+    served = lab.post(chat("dev-model"), key=DEV_KEY, headers=forged)
+    assert served.status == 200
+    assert served.headers["x-served-by"] == BACKUP
+    assert lab.upstream.count(FLAKY) == 0
+    (seen,) = lab.upstream.requests(BACKUP)
+    assert not [h for h in seen.headers if h.startswith("x-meshgen-")]
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "status", "error_type", "code"),
+    [
+        (chat("gpt-4o"), None, 401, "authentication_error", "missing_api_key"),
+        (chat("gpt-4o"), "sk-wrong", 401, "authentication_error", "invalid_api_key"),
+        (b'{"model": "gpt-4o", ', "sk-test-team", 400, "invalid_request_error", "invalid_json"),
+        ({"messages": []}, "sk-test-team", 400, "invalid_request_error", "missing_model"),
+        (chat("gpt-5-ultra"), "sk-test-team", 404, "invalid_request_error", "model_not_found"),
+        (chat("gpt-4o"), DEV_KEY, 403, "permission_error", "model_not_allowed"),
+    ],
+    ids=["no-key", "bad-key", "malformed-json", "no-model", "unknown-model", "model-not-allowed"],
+)
+def test_refusals_are_openai_errors(
+    lab: Lab, body: object, key: str | None, status: int, error_type: str, code: str
+) -> None:
+    reply = lab.post(body, key=key)  # type: ignore[arg-type]
+    assert reply.status == status, reply.body
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert (error["type"], error["code"]) == (error_type, code)
+    assert error["message"]
+    assert lab.upstream.count() == 0
