@@ -87,9 +87,7 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
     for name, spec in sorted(policy.models.items()):
         schema = policy.providers[spec.provider].schema_
         failover = spec.failover or []
-
-        def same_schema(target: str) -> bool:
-            return policy.providers[policy.models[target].provider].schema_ == schema
+        same_schema = [t for t in failover if policy.providers[policy.models[t].provider].schema_ == schema]
 
         canary = spec.canary
         header_name, header_value = next(iter(canary.header.items())) if canary and canary.header else ("", "")
@@ -99,11 +97,14 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
                 provider=spec.provider,
                 schema_=schema,
                 upstream_name=spec.upstream_name or name,
-                failover=tuple(t for t in failover if same_schema(t)),
-                failover_deferred=tuple(t for t in failover if not same_schema(t)),
+                failover=tuple(same_schema),
+                failover_deferred=tuple(t for t in failover if t not in same_schema),
                 hedge=ir.Hedge(after_ms=spec.hedge.after) if spec.hedge else None,
                 canary=ir.Canary(
-                    model=canary.model, weight=canary.weight, header_name=header_name, header_value=header_value
+                    model=canary.model,
+                    weight=canary.weight,
+                    header_name=header_name,
+                    header_value=header_value,
                 )
                 if canary
                 else None,
@@ -114,9 +115,7 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
                 affinity_header=spec.affinity.header.lower() if spec.affinity else None,
                 retries=spec.retry.attempts,
                 per_try_timeout_ms=spec.hedge.after if spec.hedge else spec.retry.per_try_timeout,
-                timeout_ms=spec.timeout
-                or policy.providers[spec.provider].timeout
-                or policy.provider_defaults.timeout,
+                timeout_ms=spec.timeout or policy.providers[spec.provider].timeout or policy.provider_defaults.timeout,
                 max_tokens_default=spec.max_tokens_default,
             )
         )

@@ -131,7 +131,8 @@ class Retry(Strict):
 class ModelSpec(Strict):
     provider: Name
     upstream_name: str | None = None
-    """Model name the provider knows; defaults to the key. Not yet rendered (body rewrite comes with upstream ext_proc)."""
+    """Model name the provider knows; defaults to the key.
+    Not yet rendered: the body rewrite comes with the upstream ext_proc."""
     failover: list[Name] | None = None
     hedge: Hedge | None = None
     canary: Canary | None = None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
+from ext_proc.config import ServiceConfig
+from meshgen.errors import RenderError
 from meshgen.ir import model as ir
 from meshgen.render.document import Document
 from meshgen.render.envoy.target import Target
@@ -18,7 +22,10 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
                 "upstream_name": m.upstream_name,
                 "downgrade": m.downgrade,
                 "max_tokens_default": m.max_tokens_default,
-                "price": {"input_per_mtok": m.price_input_per_mtok, "output_per_mtok": m.price_output_per_mtok}
+                "price": {
+                    "input_per_mtok": m.price_input_per_mtok,
+                    "output_per_mtok": m.price_output_per_mtok,
+                }
                 if m.price_input_per_mtok is not None
                 else None,
             }
@@ -38,4 +45,9 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
 
 
 def render_service_config(gw: ir.Gateway, target: Target) -> Document:
-    return Document(f"{target}/service.json", service_config(gw))
+    """Checked against the service's own contract here, so a build never writes a config the service refuses."""
+    try:
+        checked = ServiceConfig.model_validate(service_config(gw))
+    except ValidationError as error:
+        raise RenderError(f"service config breaks the ext_proc contract: {error}") from error
+    return Document(f"{target}/service.json", checked.model_dump(mode="json", exclude={"generated_by"}))

@@ -56,7 +56,9 @@ def test_canary_takes_ten_percent(lab: Lab) -> None:
 
 
 def test_beta_header_always_reaches_beta(lab: Lab) -> None:
-    served = Counter(lab.post(chat("gpt-4o"), headers={"X-Model-Version": "beta"}).headers["x-served-by"] for _ in range(40))
+    served = Counter(
+        lab.post(chat("gpt-4o"), headers={"X-Model-Version": "beta"}).headers["x-served-by"] for _ in range(40)
+    )
     assert served == {BETA: 40}
 
 

@@ -21,9 +21,7 @@ def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, An
         },
         "admin": {"address": place.admin().socket()},
         # The admin layer lets `meshgen chaos` switch faults with /runtime_modify, no restart.
-        "layered_runtime": {
-            "layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]
-        },
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
         "static_resources": {
             "listeners": all_listeners(gw, place, region),
             "clusters": all_clusters(gw, place, region),

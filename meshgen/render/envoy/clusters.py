@@ -167,8 +167,14 @@ def service_cluster(place: Placement) -> dict[str, Any]:
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": _http1(),
         "circuit_breakers": {
-            "thresholds": [{"priority": "DEFAULT", "max_connections": 4096, "max_pending_requests": 4096,
-                            "max_requests": 4096}]
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 4096,
+                    "max_pending_requests": 4096,
+                    "max_requests": 4096,
+                }
+            ]
         },
         "load_assignment": _load_assignment(SERVICE_CLUSTER, [(address, 1, {})]),
     }

@@ -55,14 +55,30 @@ _ACCESS_LOG_FIELDS = {
 
 # Envoy's own refusals, answered in the same OpenAI error shape as the service's: (filter, status, error).
 _LOCAL_REPLIES = (
-    ({"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "meshgen.rbac"}}}},
-     403, ("The tenant may not use this model.", "permission_error", "model_not_allowed")),
-    ({"response_flag_filter": {"flags": ["RL"]}},
-     429, ("Request rate limit reached for this tenant.", "rate_limit_error", "rate_limit_exceeded")),
-    ({"response_flag_filter": {"flags": ["UH"]}},
-     503, ("No healthy provider can serve this model right now.", "server_error", "no_healthy_upstream")),
-    ({"response_flag_filter": {"flags": ["UT"]}},
-     504, ("The provider did not answer in time.", "server_error", "upstream_timeout")),
+    (
+        {
+            "status_code_filter": {
+                "comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "meshgen.rbac"}}
+            }
+        },
+        403,
+        ("The tenant may not use this model.", "permission_error", "model_not_allowed"),
+    ),
+    (
+        {"response_flag_filter": {"flags": ["RL"]}},
+        429,
+        ("Request rate limit reached for this tenant.", "rate_limit_error", "rate_limit_exceeded"),
+    ),
+    (
+        {"response_flag_filter": {"flags": ["UH"]}},
+        503,
+        ("No healthy provider can serve this model right now.", "server_error", "no_healthy_upstream"),
+    ),
+    (
+        {"response_flag_filter": {"flags": ["UT"]}},
+        504,
+        ("The provider did not answer in time.", "server_error", "upstream_timeout"),
+    ),
 )
 
 
@@ -79,7 +95,7 @@ def _local_reply_config() -> dict[str, Any]:
                     "status_code": status,
                     "body": {"inline_string": openai_error(*error)},
                     "body_format_override": {
-                        "text_format": "%LOCAL_REPLY_BODY%",
+                        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                         "content_type": "application/json",
                     },
                 }
@@ -90,7 +106,14 @@ def _local_reply_config() -> dict[str, Any]:
 
 
 def _hcm_filter(config: dict[str, Any]) -> dict[str, Any]:
-    return {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {"@type": HCM, **config}}]}
+    return {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {"@type": HCM, **config},
+            }
+        ]
+    }
 
 
 def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dict[str, Any]:
@@ -123,7 +146,11 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
             }
         ],
     }
-    return {"name": f"gateway.{region.name}", "address": place.listener().socket(), "filter_chains": [_hcm_filter(hcm)]}
+    return {
+        "name": f"gateway.{region.name}",
+        "address": place.listener().socket(),
+        "filter_chains": [_hcm_filter(hcm)],
+    }
 
 
 def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any]:
@@ -141,10 +168,20 @@ def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any
                 }
             ],
         },
-        "http_filters": [*(fault_filter(f) for f in c.faults), filter_("envoy.filters.http.router", ROUTER, {})],
+        "http_filters": [
+            *(fault_filter(f) for f in c.faults),
+            filter_("envoy.filters.http.router", ROUTER, {}),
+        ],
     }
-    return {"name": f"chaos.{c.name}", "address": place.chaos_hop(c).socket(), "filter_chains": [_hcm_filter(hcm)]}
+    return {
+        "name": f"chaos.{c.name}",
+        "address": place.chaos_hop(c).socket(),
+        "filter_chains": [_hcm_filter(hcm)],
+    }
 
 
 def all_listeners(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
-    return [gateway_listener(gw, place, region), *(chaos_hop_listener(place, c) for c in gw.clusters if c.faults)]
+    return [
+        gateway_listener(gw, place, region),
+        *(chaos_hop_listener(place, c) for c in gw.clusters if c.faults),
+    ]

@@ -92,7 +92,12 @@ def route_action(model: ir.Model, chains: dict[str, tuple[str, ...]], *, canary:
                 },
                 "disable_shadow_host_suffix_append": True,
                 "request_headers_mutations": [
-                    {"append": {"header": {"key": MIRROR_HEADER, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+                    {
+                        "append": {
+                            "header": {"key": MIRROR_HEADER, "value": "1"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    }
                 ],
             }
         ]

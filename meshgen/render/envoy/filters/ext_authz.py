@@ -41,7 +41,10 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                 },
             },
             "allowed_headers": {"patterns": _exact(*CLIENT_KEY_HEADERS, "content-type", *priority_headers)},
-            "with_request_body": {"max_request_bytes": service.max_request_bytes, "allow_partial_message": False},
+            "with_request_body": {
+                "max_request_bytes": service.max_request_bytes,
+                "allow_partial_message": False,
+            },
             "failure_mode_allow": service.failure_mode == "open",
             "status_on_error": {"code": "ServiceUnavailable"},
             "clear_route_cache": True,

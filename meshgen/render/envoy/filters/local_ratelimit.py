@@ -23,11 +23,17 @@ def local_ratelimit_filter(gw: ir.Gateway) -> dict[str, Any] | None:
             "stat_prefix": "tenant_rpm",
             "filter_enabled": _always(),
             "filter_enforced": _always(),
-            "rate_limits": [{"actions": [{"request_headers": {"header_name": TENANT_HEADER, "descriptor_key": "tenant"}}]}],
+            "rate_limits": [
+                {"actions": [{"request_headers": {"header_name": TENANT_HEADER, "descriptor_key": "tenant"}}]}
+            ],
             "descriptors": [
                 {
                     "entries": [{"key": "tenant", "value": t.name}],
-                    "token_bucket": {"max_tokens": t.limits.rpm, "tokens_per_fill": t.limits.rpm, "fill_interval": "60s"},
+                    "token_bucket": {
+                        "max_tokens": t.limits.rpm,
+                        "tokens_per_fill": t.limits.rpm,
+                        "fill_interval": "60s",
+                    },
                 }
                 for t in limited
             ],

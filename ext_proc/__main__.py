@@ -1,0 +1,3 @@
+from ext_proc.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The data-plane service's config contract: ``service.json``, written by ``meshgen build``.
+
+This module is the single definition of that file. ``meshgen`` imports it to render the file; the service
+imports it to read the file. It depends on pydantic and the standard library only.
+
+Every model is frozen and rejects unknown fields, so a file written by a newer meshgen fails loudly here
+instead of being half understood. A breaking change to the layout bumps ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ConfigError",
+    "Limits",
+    "ModelConfig",
+    "NonCritical",
+    "Price",
+    "ServiceConfig",
+    "TenantConfig",
+    "load_config",
+]
+
+SCHEMA_VERSION = 1
+
+# sha256 of an API key, as 64 lowercase hex characters. Plaintext keys never appear in the contract.
+KeyHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# Tenant names travel in the ``x-meshgen-tenant`` header and in stat names: keep them header- and stat-safe.
+TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Price(_Frozen):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class ModelConfig(_Frozen):
+    provider: str = Field(min_length=1)
+    upstream_name: str = Field(min_length=1)
+    downgrade: ModelName | None = None
+    max_tokens_default: int = Field(ge=1)
+    price: Price | None = None
+
+
+class Limits(_Frozen):
+    """Per-tenant limits; ``None`` means unlimited."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    tpd: int | None = Field(default=None, ge=1)
+    usd_per_day: float | None = Field(default=None, ge=0)
+
+
+class NonCritical(_Frozen):
+    """How a tenant marks requests that may wait in a queue, and for how long at most."""
+
+    header: HeaderName
+    value: str = Field(min_length=1)
+    queue_max_wait_ms: int = Field(ge=0)
+
+
+class TenantConfig(_Frozen):
+    key_hashes: tuple[KeyHash, ...] = Field(min_length=1)
+    models: tuple[ModelName, ...]
+    limits: Limits = Limits()
+    alerts_at: tuple[Annotated[float, Field(gt=0)], ...] = ()
+    non_critical: NonCritical | None = None
+
+
+class ServiceConfig(_Frozen):
+    schema_version: Literal[1]
+    generated_by: str | None = None
+    """The header `meshgen build` writes (JSON has no comments): which policy and meshgen version made it."""
+    policy: str = Field(min_length=1)
+    failure_mode: Literal["open", "closed"]
+    models: dict[ModelName, ModelConfig]
+    tenants: dict[TenantName, TenantConfig]
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ServiceConfig:
+        problems: list[str] = []
+        for name, model in self.models.items():
+            if model.downgrade is not None and model.downgrade not in self.models:
+                problems.append(f"models.{name}.downgrade: unknown model {model.downgrade!r}")
+        owner: dict[str, str] = {}
+        for tenant_name, tenant in self.tenants.items():
+            for i, model_name in enumerate(tenant.models):
+                if model_name not in self.models:
+                    problems.append(f"tenants.{tenant_name}.models[{i}]: unknown model {model_name!r}")
+            for i, key_hash in enumerate(tenant.key_hashes):
+                other = owner.setdefault(key_hash, tenant_name)
+                if other != tenant_name:
+                    problems.append(f"tenants.{tenant_name}.key_hashes[{i}]: key hash already used by tenant {other!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class ConfigError(Exception):
+    """``service.json`` is missing, unreadable or does not match this contract. The message names the file."""
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and validate ``service.json``; raise :class:`ConfigError` naming the file and every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object, not {type(data).__name__}")
+    if "schema_version" not in data:
+        raise ConfigError(f"{path}: schema_version is missing; this service reads schema_version {SCHEMA_VERSION}")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise ConfigError(
+            f"{path}: schema_version is {version!r}, this service reads schema_version {SCHEMA_VERSION}; "
+            "rebuild the config with a meshgen that matches this service"
+        )
+    try:
+        return ServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid config:\n{_format_errors(exc)}") from None
+
+
+def _format_errors(exc: ValidationError) -> str:
+    """One line per problem: ``  tenants.team-a.key_hashes[0]: <what is wrong>``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        where = ""
+        for part in err["loc"]:
+            if isinstance(part, int):
+                where += f"[{part}]"
+            elif part == "[key]":
+                where += " (the name)"
+            else:
+                where += f".{part}" if where else part
+        message = err["msg"].removeprefix("Value error, ")
+        if where:
+            lines.append(f"  {where}: {message}")
+        else:  # cross-reference checks: each line already says where
+            lines += [f"  {line}" for line in message.splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Errors a client may see, as OpenAI-style bodies. Nothing else ever reaches a client.
+
+Exception tree::
+
+    ApiError                      whitelisted: status, type and code are shown to the client
+    ├── MissingApiKey             401 authentication_error  missing_api_key
+    ├── InvalidApiKey             401 authentication_error  invalid_api_key
+    ├── InvalidJson               400 invalid_request_error invalid_json
+    ├── MissingModel              400 invalid_request_error missing_model
+    ├── ModelNotFound             404 invalid_request_error model_not_found
+    ├── ModelNotAllowed           403 permission_error      model_not_allowed
+    ├── NotFound                  404 invalid_request_error not_found        (path the service does not serve)
+    ├── MethodNotAllowed          405 invalid_request_error method_not_allowed
+    ├── RequestTooLarge           413 invalid_request_error request_too_large
+    ├── MalformedRequest          400 invalid_request_error malformed_request (bad HTTP; then close)
+    └── ServiceUnavailable        503 server_error          service_unavailable (unexpected exception)
+
+Any exception that is not an ``ApiError`` is answered as ``ServiceUnavailable``, logged without the request.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+__all__ = [
+    "ApiError",
+    "InvalidApiKey",
+    "InvalidJson",
+    "MalformedRequest",
+    "MethodNotAllowed",
+    "MissingApiKey",
+    "MissingModel",
+    "ModelNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "RequestTooLarge",
+    "ServiceUnavailable",
+    "error_body",
+]
+
+# A model name sent by a client is echoed in a message and a log line; bound what we echo.
+_MAX_ECHO = 256
+
+
+class ApiError(Exception):
+    status: ClassVar[int]
+    type: ClassVar[str]
+    code: ClassVar[str]
+    default_message: ClassVar[str]
+
+    def __init__(self, message: str | None = None, *, tenant: str | None = None, model: str | None = None):
+        self.message = message if message is not None else self.default_message
+        self.tenant = tenant
+        self.model = model
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code)
+
+
+class MissingApiKey(ApiError):
+    status, type, code = 401, "authentication_error", "missing_api_key"
+    default_message = (
+        "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' or in the 'x-api-key' header."
+    )
+
+
+class InvalidApiKey(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+    default_message = "Incorrect API key provided."
+
+
+class InvalidJson(ApiError):
+    status, type, code = 400, "invalid_request_error", "invalid_json"
+    default_message = "The request body must be a JSON object."
+
+
+class MissingModel(ApiError):
+    status, type, code = 400, "invalid_request_error", "missing_model"
+    default_message = "The request body must name a model: a string field 'model'."
+
+
+class ModelNotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+    default_message = "The model does not exist"
+
+    def __init__(self, model: str, *, tenant: str | None = None):
+        model = model[:_MAX_ECHO]
+        super().__init__(f"The model '{model}' does not exist", tenant=tenant, model=model)
+
+
+class ModelNotAllowed(ApiError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+    default_message = "This API key is not allowed to use the model"
+
+    def __init__(self, model: str, *, tenant: str):
+        model = model[:_MAX_ECHO]
+        super().__init__(f"This API key is not allowed to use the model '{model}'", tenant=tenant, model=model)
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+    default_message = "Unknown path."
+
+
+class MethodNotAllowed(ApiError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+    default_message = "Method not allowed."
+
+
+class RequestTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+    default_message = "The request body is too large."
+
+
+class MalformedRequest(ApiError):
+    status, type, code = 400, "invalid_request_error", "malformed_request"
+    default_message = "Malformed HTTP request."
+
+
+class ServiceUnavailable(ApiError):
+    status, type, code = 503, "server_error", "service_unavailable"
+    default_message = "The service is temporarily unavailable. Please retry."
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    """``{"error": {"message", "type", "code"}}`` as compact ASCII JSON (a lone surrogate cannot break it)."""
+    doc = {"error": {"message": message, "type": type_, "code": code}}
+    return json.dumps(doc, separators=(",", ":")).encode()

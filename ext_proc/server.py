@@ -1,0 +1,281 @@
+"""The ext_authz HTTP/1.1 endpoint: a lean asyncio protocol over ``httptools``.
+
+Envoy's ext_authz filter (``http_service``, ``path_prefix: /authz``, ``with_request_body``) sends one
+``<METHOD> /authz/<original path>`` per client request, carrying the client's ``authorization``,
+``x-api-key``, ``content-type`` and ``x-priority`` headers and the raw request body.
+
+- ``/authz`` and ``/authz/…``: admission. 200 with ``x-meshgen-tenant`` and no body allows the request;
+  any other status denies it, and Envoy passes status and body on to the client.
+- ``GET``/``HEAD /healthz``: 200 ``ok`` (readiness).
+- anything else: 404 JSON.
+
+Connections are keep-alive. Each request is answered as soon as its last byte is parsed, inside the parser
+callback, so pipelined requests are answered in order. Malformed HTTP gets a 400 and the connection closes.
+Responses are assembled from bytes precomputed at config load; the hot path is one header scan, one sha256,
+one ``json.loads`` and a few dict lookups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import traceback
+from typing import Final
+
+import httptools
+
+from ext_proc.admission import Admission, api_key_from_headers
+from ext_proc.config import ServiceConfig
+from ext_proc.errors import (
+    ApiError,
+    MalformedRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    ServiceUnavailable,
+)
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Server"]
+
+DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+
+_REASONS: Final = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    503: b"Service Unavailable",
+}
+_KEEP_ALIVE_END: Final = b"\r\n"
+_KEEP_ALIVE_10_END: Final = b"connection: keep-alive\r\n\r\n"  # HTTP/1.0 keep-alive must be announced
+_CLOSE_END: Final = b"connection: close\r\n\r\n"
+_AUTHZ_PREFIX: Final = b"/authz/"
+
+
+def _head(status: int, headers: tuple[tuple[str, str], ...], content_length: int) -> bytes:
+    """Status line and headers, without the blank line that ends them (the protocol adds ``connection``)."""
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status])]
+    lines += [f"{name}: {value}".encode("latin-1") for name, value in headers]
+    lines.append(b"content-length: %d" % content_length)
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+class Server:
+    """Serves admission for one :class:`ServiceConfig` until :meth:`close`.
+
+    ``admission`` defaults to ``Admission(config)``; tests pass their own.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        logger: logging.Logger | None = None,
+        admission: Admission | None = None,
+    ):
+        self.config = config
+        self.max_body_bytes = max_body_bytes
+        self._log = logger if logger is not None else logging.getLogger("ext_proc")
+        self._admission = admission if admission is not None else Admission(config)
+        self._allow: dict[str, bytes] = {
+            tenant: _head(200, (("x-meshgen-tenant", tenant),), 0) for tenant in config.tenants
+        }
+        self._healthz = _head(200, (("content-type", "text/plain"),), 2), b"ok"
+        self._server: asyncio.Server | None = None
+        self._connections: set[_HttpProtocol] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (port 0 picks a free one); return the address actually bound."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HttpProtocol(self), host, port, reuse_address=True, backlog=1024
+        )
+        bound = self._server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def close(self) -> None:
+        """Stop listening and close every connection (responses already written are flushed first)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._connections):
+            connection.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    # --- request handling: returns (head without the final blank line, body) ---
+
+    def handle(
+        self, method: bytes, url: bytes, authorization: bytes | None, x_api_key: bytes | None, body: bytes
+    ) -> tuple[bytes, bytes]:
+        try:
+            query = url.find(b"?")
+            path = url if query < 0 else url[:query]
+            if path.startswith(_AUTHZ_PREFIX) or path == b"/authz":
+                try:
+                    admitted = self._admission.admit(api_key_from_headers(authorization, x_api_key), body)
+                except ApiError as err:
+                    return self.refusal(err)
+                return self._allow[admitted.tenant], b""
+            if path == b"/healthz":
+                if method == b"GET":
+                    return self._healthz
+                if method == b"HEAD":
+                    return self._healthz[0], b""
+                return self.refusal(MethodNotAllowed())
+            return self.refusal(NotFound())
+        except Exception as exc:
+            self.log_internal_error(exc)
+            return self.refusal(ServiceUnavailable())
+
+    def refusal(self, err: ApiError) -> tuple[bytes, bytes]:
+        body = err.body()
+        line = {
+            "event": "refused",
+            "status": err.status,
+            "code": err.code,
+            "tenant": err.tenant,
+            "model": err.model,
+        }
+        self._log.info(json.dumps(line))
+        return _head(err.status, (("content-type", "application/json"),), len(body)), body
+
+    def log_internal_error(self, exc: BaseException) -> None:
+        # Type and stack frames only: an exception's message or locals may quote the request body or a key.
+        frames = [f"{f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+        self._log.error(json.dumps({"event": "internal_error", "error": type(exc).__name__, "stack": frames}))
+
+
+class _HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_authorization",
+        "_body",
+        "_body_size",
+        "_closing",
+        "_parser",
+        "_server",
+        "_transport",
+        "_url",
+        "_x_api_key",
+    )
+
+    def __init__(self, server: Server):
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._closing = False
+        self._url = b""
+        self._authorization: bytes | None = None
+        self._x_api_key: bytes | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(MalformedRequest())
+        except httptools.HttpParserCallbackError as exc:  # our bug in a callback, not the client's
+            if not self._closing:
+                self._server.log_internal_error(exc.__context__ or exc)
+                self._reject(ServiceUnavailable())
+        except httptools.HttpParserError:
+            self._reject(MalformedRequest())
+        if self._closing:
+            self.close()
+
+    def pause_writing(self) -> None:  # the client is not reading its answers: stop reading its requests
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._authorization = None
+        self._x_api_key = None
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"authorization":
+            if self._authorization is None:
+                self._authorization = value
+        elif name == b"x-api-key":
+            if self._x_api_key is None:
+                self._x_api_key = value
+
+    def on_headers_complete(self) -> None:
+        if self._parser.should_upgrade():  # Upgrade or CONNECT: not something Envoy's ext_authz sends
+            self._reject(MalformedRequest())
+
+    def on_body(self, chunk: bytes) -> None:
+        if self._closing:
+            return
+        self._body_size += len(chunk)
+        if self._body_size > self._server.max_body_bytes:
+            self._body = []
+            self._reject(RequestTooLarge())
+            return
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        if self._closing:  # refused mid-message, or a message pipelined after one that closes
+            return
+        body = self._body
+        head, payload = self._server.handle(
+            self._parser.get_method(),
+            self._url,
+            self._authorization,
+            self._x_api_key,
+            body[0] if len(body) == 1 else b"".join(body),
+        )
+        self._body = []
+        if self._parser.should_keep_alive():
+            end = _KEEP_ALIVE_END if self._parser.get_http_version() == "1.1" else _KEEP_ALIVE_10_END
+        else:
+            end = _CLOSE_END
+            self._closing = True
+        assert self._transport is not None
+        self._transport.write(head + end + payload)
+
+    def _reject(self, err: ApiError) -> None:
+        """Answer ``err`` and close the connection once it is written; ignore whatever else arrives."""
+        if self._closing:
+            return
+        head, payload = self._server.refusal(err)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.write(head + _CLOSE_END + payload)

@@ -1,0 +1,210 @@
+"""Helpers for the data-plane service tests: a config, the service as a subprocess, a raw HTTP reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_PREFIX = "meshgen-service listening on "
+TIMEOUT = 10.0  # seconds; every wait in these tests is bounded by this
+
+KEY_A = "sk-team-a-0123456789"
+KEY_A2 = "sk-team-a-second-key"
+KEY_B = "sk-team-b-abcdef"
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def config_dict() -> dict[str, Any]:
+    """A small valid service.json: team-a may use the GPT models, team-b only llama3."""
+    return {
+        "schema_version": 1,
+        "policy": "ai-chaos-lab",
+        "failure_mode": "closed",
+        "models": {
+            "gpt-4o": {
+                "provider": "openai",
+                "upstream_name": "gpt-4o",
+                "downgrade": "gpt-4o-mini",
+                "max_tokens_default": 1024,
+                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+            },
+            "gpt-4o-mini": {
+                "provider": "openai",
+                "upstream_name": "gpt-4o-mini",
+                "downgrade": None,
+                "max_tokens_default": 1024,
+                "price": None,
+            },
+            "llama3": {"provider": "ollama", "upstream_name": "llama3:8b", "max_tokens_default": 512},
+        },
+        "tenants": {
+            "team-a": {
+                "key_hashes": [sha256_hex(KEY_A), sha256_hex(KEY_A2)],
+                "models": ["gpt-4o", "gpt-4o-mini"],
+                "limits": {"rpm": 600, "tpm": 100000, "tpd": None, "usd_per_day": 50.0},
+                "alerts_at": [0.8, 0.9, 1.0],
+                "non_critical": {"header": "x-priority", "value": "low", "queue_max_wait_ms": 20000},
+            },
+            "team-b": {"key_hashes": [sha256_hex(KEY_B)], "models": ["llama3"], "non_critical": None},
+        },
+    }
+
+
+def write_config(directory: Path, doc: dict[str, Any] | None = None) -> Path:
+    path = directory / "service.json"
+    path.write_text(json.dumps(config_dict() if doc is None else doc))
+    return path
+
+
+@dataclass
+class ServiceProcess:
+    """``python -m ext_proc`` on a free port; stderr collected line by line in a thread."""
+
+    config: Path
+    extra_args: tuple[str, ...] = ()
+    lines: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> ServiceProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "ext_proc",
+            "--config",
+            str(self.config),
+            "--host",
+            self.host,
+            "--port",
+            "0",
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._proc = subprocess.Popen(
+            [*cmd, *self.extra_args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            ready = self.wait_for_line(lambda line: line.startswith(READY_PREFIX))
+        except Exception:
+            self.stop()
+            raise
+        self.port = int(ready.rsplit(":", 1)[1])
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for raw in self._proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode().rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for_line(self, predicate: Callable[[str], bool], start: int = 0) -> str:
+        """The first line from index ``start`` on that matches; fail after TIMEOUT."""
+        deadline = time.monotonic() + TIMEOUT
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if predicate(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                exited = self._proc is not None and self._proc.poll() is not None
+                if remaining <= 0 or (exited and not (self._reader and self._reader.is_alive())):
+                    raise AssertionError(f"no matching line from the service; stderr so far: {self.lines!r}")
+                self._cond.wait(min(remaining, 0.1))
+
+    def refusal_logs(self, start: int = 0) -> list[dict[str, Any]]:
+        with self._cond:
+            lines = self.lines[start:]
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def signal(self, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` and return the exit code (bounded wait)."""
+        assert self._proc is not None
+        self._proc.send_signal(signum)
+        return self._proc.wait(timeout=TIMEOUT)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(timeout=TIMEOUT)
+        assert self._proc.stderr is not None
+        self._proc.stderr.close()
+        self._proc = None
+
+
+def run_service(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ext_proc ARGS`` expecting it to exit by itself (bad config, usage error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ext_proc", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def read_response(stream: BinaryIO) -> RawResponse:
+    """One HTTP/1.1 response with a content-length body, read from a buffered socket file."""
+    status_line = stream.readline()
+    if not status_line:
+        raise EOFError("connection closed before a response")
+    version, status, _reason = status_line.decode("latin-1").split(" ", 2)
+    assert version == "HTTP/1.1", status_line
+    headers: dict[str, str] = {}
+    while True:
+        line = stream.readline().decode("latin-1")
+        if line in ("\r\n", ""):
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = stream.read(int(headers["content-length"]))
+    return RawResponse(int(status), headers, body)
+
+
+def authz_request(body: bytes | None = None, *, key: str | None = None, bearer: bool = True, extra: str = "") -> bytes:
+    """Bytes of one ``POST /authz/v1/chat/completions`` as Envoy's ext_authz sends it."""
+    lines = ["POST /authz/v1/chat/completions HTTP/1.1", "host: ext-authz", "content-type: application/json"]
+    if key is not None:
+        lines.append(f"authorization: Bearer {key}" if bearer else f"x-api-key: {key}")
+    payload = b"" if body is None else body
+    lines.append(f"content-length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode() + payload
