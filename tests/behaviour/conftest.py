@@ -15,7 +15,7 @@ import pytest
 from meshgen import output
 from meshgen.compile import compile_gateway, render_all
 from meshgen.ir.model import Gateway, Ports
-from tests.ext_proc.kit import ServiceProcess
+from meshgen.lab.service import ServiceProcess
 from tests.support import EnvoyProcess, MockUpstream, free_ports, require_binary
 
 POLICY = Path(__file__).with_name("policy.yaml")

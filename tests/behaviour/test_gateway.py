@@ -17,6 +17,8 @@ PRIMARY = "provider.primary.us-east.ep0"
 BACKUP = "provider.backup.us-east.ep0"
 FLAKY = "provider.flaky.us-east.ep0"
 CLAUDE = "provider.claude.global.ep0"
+SLOWPOKE = "provider.slowpoke.us-east.ep0"
+RETRIER = "provider.retrier.us-east.ep0"
 
 
 @pytest.mark.parametrize(
@@ -80,6 +82,13 @@ def test_primary_503_fails_over_to_same_schema_backup(lab: Lab) -> None:
     assert lab.upstream.requests(BACKUP)[0].headers["x-envoy-attempt-count"] == "2"
 
 
+def test_slow_primary_is_hedged_to_the_next_priority(lab: Lab) -> None:
+    reply = lab.post(chat("hedge-model"), headers={"x-mock": f"delay_ms=1500@{SLOWPOKE}"})
+    assert reply.status == 200
+    assert reply.headers["x-served-by"] == BACKUP, "the hedge's answer wins while the primary is still thinking"
+    assert lab.upstream.count(SLOWPOKE) == 1
+
+
 def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Lab) -> None:
     assert lab.post(chat("failover-model")).headers["x-served-by"] == PRIMARY
     lab.envoy.runtime_modify({"meshgen.chaos.primary-down.abort_percent": 100})
@@ -118,6 +127,33 @@ def test_client_supplied_internal_headers_change_nothing(lab: Lab) -> None:
     assert lab.upstream.count(FLAKY) == 0
     (seen,) = lab.upstream.requests(BACKUP)
     assert not [h for h in seen.headers if h.startswith("x-meshgen-")]
+
+
+def test_client_cannot_set_envoy_timeouts_or_retries(lab: Lab) -> None:
+    forged = {
+        "x-envoy-upstream-rq-timeout-ms": "1",
+        "x-envoy-max-retries": "5",
+        "x-envoy-retry-on": "5xx",
+        "x-envoy-hedge-on-per-try-timeout": "true",
+        "x-envoy-force-trace": "1",
+        "x-envoy-upstream-canary": "true",
+        "x-envoy-original-path": "/admin",
+    }
+    slow = lab.post(chat("claude-model"), headers={**forged, "x-mock": "delay_ms=100"})
+    assert slow.status == 200, "the client's 1 ms timeout must not apply"
+    failing = lab.post(chat("retry-model"), headers={**forged, "x-mock": "status=500"})
+    assert failing.status == 500
+    assert lab.upstream.count(RETRIER) == 3, "2 retries from the policy, not the client's 5"
+    leaked = {h for r in lab.upstream.requests() for h in r.headers if h in forged}
+    assert not leaked
+
+
+def test_admin_serves_prometheus_stats_on_loopback(lab: Lab) -> None:
+    assert lab.gw.ports.of("admin.us-east")
+    text = lab.envoy.admin("/stats/prometheus")
+    # Dotted names survive as whole tags, so a metric leads back to the policy.
+    assert 'envoy_cluster_upstream_rq_total{envoy_cluster_name="provider.backup.us-east"}' in text
+    assert 'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="gateway.us-east"}' in text
 
 
 @pytest.mark.parametrize(

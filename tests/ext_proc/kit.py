@@ -1,23 +1,39 @@
-"""Helpers for the data-plane service tests: a config, the service as a subprocess, a raw HTTP reader."""
+"""Helpers for the data-plane service tests: a config, the service as a subprocess, a raw HTTP reader.
+
+The service runner itself is product code (``meshgen.lab.service``: `meshgen lab up` runs it too).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from meshgen.lab.service import READY_PREFIX, ServiceProcess
+
 ROOT = Path(__file__).resolve().parents[2]
-READY_PREFIX = "meshgen-service listening on "
 TIMEOUT = 10.0  # seconds; every wait in these tests is bounded by this
+
+__all__ = [
+    "KEY_A",
+    "KEY_A2",
+    "KEY_B",
+    "READY_PREFIX",
+    "ROOT",
+    "TIMEOUT",
+    "RawResponse",
+    "ServiceProcess",
+    "authz_request",
+    "config_dict",
+    "read_response",
+    "run_service",
+    "sha256_hex",
+    "write_config",
+]
 
 KEY_A = "sk-team-a-0123456789"
 KEY_A2 = "sk-team-a-second-key"
@@ -68,96 +84,6 @@ def write_config(directory: Path, doc: dict[str, Any] | None = None) -> Path:
     path = directory / "service.json"
     path.write_text(json.dumps(config_dict() if doc is None else doc))
     return path
-
-
-@dataclass
-class ServiceProcess:
-    """``python -m ext_proc`` on a free port; stderr collected line by line in a thread."""
-
-    config: Path
-    extra_args: tuple[str, ...] = ()
-    lines: list[str] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = 0
-
-    def __post_init__(self) -> None:
-        self._cond = threading.Condition()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._reader: threading.Thread | None = None
-
-    def start(self) -> ServiceProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "ext_proc",
-            "--config",
-            str(self.config),
-            "--host",
-            self.host,
-            "--port",
-            "0",
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._proc = subprocess.Popen(
-            [*cmd, *self.extra_args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        try:
-            ready = self.wait_for_line(lambda line: line.startswith(READY_PREFIX))
-        except Exception:
-            self.stop()
-            raise
-        self.port = int(ready.rsplit(":", 1)[1])
-        return self
-
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        for raw in self._proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode().rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for_line(self, predicate: Callable[[str], bool], start: int = 0) -> str:
-        """The first line from index ``start`` on that matches; fail after TIMEOUT."""
-        deadline = time.monotonic() + TIMEOUT
-        with self._cond:
-            while True:
-                for line in self.lines[start:]:
-                    if predicate(line):
-                        return line
-                remaining = deadline - time.monotonic()
-                exited = self._proc is not None and self._proc.poll() is not None
-                if remaining <= 0 or (exited and not (self._reader and self._reader.is_alive())):
-                    raise AssertionError(f"no matching line from the service; stderr so far: {self.lines!r}")
-                self._cond.wait(min(remaining, 0.1))
-
-    def refusal_logs(self, start: int = 0) -> list[dict[str, Any]]:
-        with self._cond:
-            lines = self.lines[start:]
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def signal(self, signum: int = signal.SIGTERM) -> int:
-        """Send ``signum`` and return the exit code (bounded wait)."""
-        assert self._proc is not None
-        self._proc.send_signal(signum)
-        return self._proc.wait(timeout=TIMEOUT)
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=TIMEOUT)
-        if self._reader is not None:
-            self._reader.join(timeout=TIMEOUT)
-        assert self._proc.stderr is not None
-        self._proc.stderr.close()
-        self._proc = None
 
 
 def run_service(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,16 +22,19 @@ def _http1() -> dict[str, Any]:
     }
 
 
-def _load_assignment(name: str, endpoints: list[tuple[Address, int, dict[str, Any]]]) -> dict[str, Any]:
+def _load_assignment(
+    name: str, endpoints: list[tuple[Address, int, dict[str, Any]]], *, region: str | None = None
+) -> dict[str, Any]:
     return {
         "cluster_name": name,
         "endpoints": [
             {
+                **({"locality": {"region": region}} if region else {}),
                 "lb_endpoints": [
                     {"endpoint": {"address": a.socket(), "hostname": a.host}, "load_balancing_weight": weight}
                     | ({"metadata": {"filter_metadata": {"meshgen": meta}}} if meta else {})
                     for a, weight, meta in endpoints
-                ]
+                ],
             }
         ],
     }
@@ -112,7 +115,14 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
         **(_tls(tls[0].host) if tls else {}),
     }
     if not c.faults:
-        return [{"name": c.name, **real, **_resilience(c), "load_assignment": _load_assignment(c.name, endpoints)}]
+        return [
+            {
+                "name": c.name,
+                **real,
+                **_resilience(c),
+                "load_assignment": _load_assignment(c.name, endpoints, region=c.region),
+            }
+        ]
     hop = place.chaos_hop(c)
     return [
         {
@@ -128,7 +138,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
             "name": direct_name(c),
             **real,
             **_resilience(c),
-            "load_assignment": _load_assignment(direct_name(c), endpoints),
+            "load_assignment": _load_assignment(direct_name(c), endpoints, region=c.region),
         },
     ]
 

@@ -4,7 +4,7 @@ Gateway filter order (each position has a reason):
 
 | # | filter                  | why here                                                                        |
 |---|-------------------------|---------------------------------------------------------------------------------|
-| 0 | early header mutation   | strips client `x-meshgen-*` before any filter, route or log can see them        |
+| 0 | early header mutation   | strips client `x-meshgen-*`/`x-envoy-*` before any filter, route or log sees it |
 | 1 | json_to_metadata        | model/stream/max_tokens from the body; holds headers until parsed, so all later |
 |   |                         | filters and the route match see the model (~35 µs, no Python)                   |
 | 2 | ext_authz (HTTP/1.1)    | key → tenant, model access; answers the tenant and re-route headers that the    |
@@ -33,7 +33,11 @@ _STRIP_INTERNAL = {
     "name": "envoy.http.early_header_mutation.header_mutation",
     "typed_config": {
         "@type": f"{API}.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-        "mutations": [{"remove_on_match": {"key_matcher": {"prefix": "x-meshgen-"}}}],
+        # x-meshgen-* are our internal answers; x-envoy-* would let a client set its own timeouts and retries.
+        "mutations": [
+            {"remove_on_match": {"key_matcher": {"prefix": "x-meshgen-"}}},
+            {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}},
+        ],
     },
 }
 
@@ -128,6 +132,8 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
     hcm = {
         "stat_prefix": f"gateway.{region.name}",
         "codec_type": "AUTO",
+        # The gateway is the edge: it sets x-forwarded-for from the peer rather than trusting the client's.
+        "use_remote_address": True,
         "early_header_mutation_extensions": [_STRIP_INTERNAL],
         # An underscore twin (x_meshgen_tenant) could be normalised into an internal header further on.
         "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},

@@ -1,9 +1,10 @@
-"""A header-steerable mock LLM provider that listens on many loopback ports at once.
+"""The lab's mock LLM providers: one header-steerable mock listening on many loopback ports at once.
 
+`meshgen lab up` starts one on every provider endpoint port of the `local` target; the tests use the same mock.
 Each port carries a label (``provider.openai.us-east.ep0``) so a test can assert *which* upstream
 a request reached through the real Envoy, with which headers and body::
 
-    with MockUpstream({"provider.openai.us-east.ep0": 18101, "provider.ollama.us-east.ep0": 18102}) as up:
+    with MockProviders({"provider.openai.us-east.ep0": 18101, "provider.ollama.us-east.ep0": 18102}) as up:
         ...send through Envoy with header  x-mock: status=503@provider.openai.*;delay_ms=50
         assert up.count("provider.ollama.us-east.ep0") == 1
 
@@ -46,7 +47,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["Behaviour", "MockHeaderError", "MockUpstream", "RecordedRequest", "parse_mock_header"]
+__all__ = ["Behaviour", "MockHeaderError", "MockProviders", "MockUpstream", "RecordedRequest", "parse_mock_header"]
 
 MOCK_HEADER = "x-mock"
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
@@ -193,12 +194,12 @@ class _Overrides:
     kv: dict[str, str] = field(default_factory=dict)
 
 
-class MockUpstream:
+class MockProviders:
     """Mock LLM providers on ``{label: port}``; a context manager that serves from a background thread."""
 
     def __init__(self, labels: Mapping[str, int], *, host: str = "127.0.0.1") -> None:
         if len(set(labels.values())) != len(labels):
-            raise ValueError(f"MockUpstream: two labels share a port: {dict(labels)}")
+            raise ValueError(f"MockProviders: two labels share a port: {dict(labels)}")
         self._labels = dict(labels)
         self.host = host
         self._cond = threading.Condition()
@@ -212,17 +213,17 @@ class MockUpstream:
         self._start_error: BaseException | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> MockUpstream:
+    def start(self, timeout: float = 10.0) -> MockProviders:
         if self._thread is not None:
-            raise RuntimeError("MockUpstream already started")
-        self._thread = threading.Thread(target=self._run, name="mock-upstream", daemon=True)
+            raise RuntimeError("MockProviders already started")
+        self._thread = threading.Thread(target=self._run, name="mock-providers", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
-            raise TimeoutError(f"MockUpstream did not start within {timeout}s")
+            raise TimeoutError(f"MockProviders did not start within {timeout}s")
         if self._start_error is not None:
             self._thread.join(timeout)
             self._thread = None
-            raise RuntimeError(f"MockUpstream could not listen: {self._start_error}") from self._start_error
+            raise RuntimeError(f"MockProviders could not listen: {self._start_error}") from self._start_error
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -234,10 +235,10 @@ class MockUpstream:
                 loop.call_soon_threadsafe(stop_event.set)
         thread.join(timeout)
         if thread.is_alive():
-            raise RuntimeError(f"MockUpstream thread did not stop within {timeout}s")
+            raise RuntimeError(f"MockProviders thread did not stop within {timeout}s")
         self._thread = None
 
-    def __enter__(self) -> MockUpstream:
+    def __enter__(self) -> MockProviders:
         return self.start()
 
     def __exit__(
@@ -532,6 +533,10 @@ class MockUpstream:
         lines.append(f"connection: {'keep-alive' if keep_alive else 'close'}")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
+
+
+MockUpstream = MockProviders
+"""The name the test kit has always used."""
 
 
 def _reason(status: int) -> str:
