@@ -10,7 +10,6 @@ from meshgen.render.envoy.clusters import all_clusters
 from meshgen.render.envoy.listeners import all_listeners
 from meshgen.render.envoy.target import Placement, Target
 
-
 # Our names carry dots (`provider.openai.us-east`) so a stat leads back to the policy line; Envoy's default tag
 # regexes would cut them at the first dot, so Prometheus would see every provider as cluster "provider".
 STATS_TAGS = [
