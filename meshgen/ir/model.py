@@ -6,6 +6,7 @@ milliseconds. Renderers read only this, never the policy, so one IR renders iden
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -160,11 +161,12 @@ class Ports(Frozen):
 
     by_name: tuple[tuple[str, int], ...]
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return dict(self.by_name)
+
     def of(self, name: str) -> int:
-        for key, port in self.by_name:
-            if key == name:
-                return port
-        raise KeyError(name)
+        return self._index[name]
 
 
 class Gateway(Frozen):
@@ -179,8 +181,21 @@ class Gateway(Frozen):
     service: Service
     ports: Ports
 
+    @cached_property
+    def _models(self) -> dict[str, Model]:
+        return {m.name: m for m in self.models}
+
+    @cached_property
+    def _clusters(self) -> dict[str, ProviderCluster]:
+        return {c.name: c for c in self.clusters}
+
+    @cached_property
+    def downgrade_targets(self) -> frozenset[str]:
+        """Models the data-plane service may re-route a request to (the header route exists only for them)."""
+        return frozenset(m.downgrade for m in self.models if m.downgrade)
+
     def model(self, name: str) -> Model:
-        return next(m for m in self.models if m.name == name)
+        return self._models[name]
 
     def cluster(self, name: str) -> ProviderCluster:
-        return next(c for c in self.clusters if c.name == name)
+        return self._clusters[name]

@@ -52,6 +52,7 @@ class EnvoyProcess:
 
     A context manager: ``__enter__`` starts Envoy and waits until ``/ready`` answers LIVE (``ready_timeout``),
     raising ``EnvoyError`` with the log tail otherwise; ``__exit__`` sends SIGTERM, then SIGKILL.
+    ``process_group=0`` puts Envoy in a process group of its own (a terminal's Ctrl-C then reaches only us).
     The log goes to ``log_path`` (kept) or to a temporary file (deleted on stop); an exception inside
     the ``with`` block prints the log tail to stderr so pytest shows it.
     """
@@ -68,6 +69,7 @@ class EnvoyProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        process_group: int | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.admin_port = admin_port
@@ -78,6 +80,8 @@ class EnvoyProcess:
         self.ready_timeout = ready_timeout
         self.extra_args = tuple(extra_args)
         self.env = dict(env) if env is not None else None
+        # 0: Envoy in a process group of its own, so a terminal's Ctrl-C reaches only us and we stop it in order.
+        self.process_group = process_group
         self._given_log_path = log_path
         self._tmpdir: str | None = None
         self.log_path: Path | None = None
@@ -115,6 +119,7 @@ class EnvoyProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                process_group=self.process_group,
             )
         try:
             self._wait_ready()

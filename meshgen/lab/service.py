@@ -46,6 +46,7 @@ class ServiceProcess:
         timeout: float = 10.0,
         log_path: Path | None = None,
         cwd: Path | None = None,
+        process_group: int | None = None,
     ) -> None:
         self.config = config
         self.extra_args = tuple(extra_args)
@@ -55,6 +56,8 @@ class ServiceProcess:
         """Bound, in seconds, of every wait: readiness, ``wait_for_line``, each step of ``stop``."""
         self.log_path = log_path
         self.cwd = cwd
+        self.process_group = process_group
+        """0: a process group of its own, so a terminal's Ctrl-C reaches only the parent, which stops it in order."""
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -76,6 +79,7 @@ class ServiceProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            process_group=self.process_group,
         )
         self._reader = threading.Thread(target=self._read, name="meshgen-service-stderr", daemon=True)
         self._reader.start()

@@ -85,9 +85,19 @@ def _position(problem: Problem) -> tuple[int, list[str | int]]:
 # --- step 1: YAML with line numbers -------------------------------------------------------------------------
 
 
+def _python_yaml_error(text: str) -> yaml.YAMLError | None:
+    """PyYAML's own scanner words syntax errors better than libyaml (it names the tab, say): ask it again."""
+    try:
+        yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        return exc
+    return None
+
+
 def _parse(text: str, filename: str) -> tuple[dict[str, Any], LineIndex, list[Problem]]:
     """The document as plain data, its line index, and duplicate-key problems. Raises on syntax errors."""
-    loader = yaml.SafeLoader(text)
+    # The C loader (libyaml) builds the same node tree with the same marks, ~3× faster on large policies.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         lines: dict[YamlPath, int] = {}
@@ -97,7 +107,7 @@ def _parse(text: str, filename: str) -> tuple[dict[str, Any], LineIndex, list[Pr
             _index(node, (), lines, keys, duplicates, set())
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise PolicyError([_yaml_problem(exc, filename)]) from exc
+        raise PolicyError([_yaml_problem(_python_yaml_error(text) or exc, filename)]) from exc
     finally:
         loader.dispose()
 

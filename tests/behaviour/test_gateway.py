@@ -104,7 +104,7 @@ def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Lab) -> None:
 
 
 def test_consecutive_5xx_eject_the_endpoint(lab: Lab) -> None:
-    ejections = "cluster.provider.flaky.us-east.outlier_detection.ejections_enforced_consecutive_5xx"
+    ejections = "cluster.provider_flaky_us-east.outlier_detection.ejections_enforced_consecutive_5xx"
     assert lab.envoy.stat(ejections) == 0
     for _ in range(3):
         assert lab.post(chat("eject-model"), headers={"x-mock": "status=500"}).status == 500
@@ -151,9 +151,9 @@ def test_client_cannot_set_envoy_timeouts_or_retries(lab: Lab) -> None:
 def test_admin_serves_prometheus_stats_on_loopback(lab: Lab) -> None:
     assert lab.gw.ports.of("admin.us-east")
     text = lab.envoy.admin("/stats/prometheus")
-    # Dotted names survive as whole tags, so a metric leads back to the policy.
-    assert 'envoy_cluster_upstream_rq_total{envoy_cluster_name="provider.backup.us-east"}' in text
-    assert 'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="gateway.us-east"}' in text
+    # Stat names use _ for the dots of our names, so each stays one whole Prometheus label.
+    assert 'envoy_cluster_upstream_rq_total{envoy_cluster_name="provider_backup_us-east"}' in text
+    assert 'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="gateway_us-east"}' in text
 
 
 @pytest.mark.parametrize(

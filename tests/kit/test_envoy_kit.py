@@ -47,13 +47,13 @@ def bootstrap(listener_port: int, admin_port: int, upstream: Mapping[str, int]) 
                             "name": "model.ollama",
                             "match": {
                                 "prefix": "/",
-                                "headers": [{"name": "x-target", "exact_match": "ollama"}],
+                                "headers": [{"name": "x-target", "string_match": {"exact": "ollama"}}],
                             },
                             "route": {"cluster": "provider.ollama.us-east", "timeout": "1s"},
                         },
                         {
                             "name": "model.mirrored",
-                            "match": {"prefix": "/", "headers": [{"name": "x-mirror", "exact_match": "1"}]},
+                            "match": {"prefix": "/", "headers": [{"name": "x-mirror", "string_match": {"exact": "1"}}]},
                             "route": {
                                 "cluster": "provider.openai.us-east",
                                 "timeout": "1s",

@@ -10,19 +10,6 @@ from meshgen.render.envoy.clusters import all_clusters
 from meshgen.render.envoy.listeners import all_listeners
 from meshgen.render.envoy.target import Placement, Target
 
-# Our names carry dots (`provider.openai.us-east`) so a stat leads back to the policy line; Envoy's default tag
-# regexes would cut them at the first dot, so Prometheus would see every provider as cluster "provider".
-STATS_TAGS = [
-    {
-        "tag_name": "envoy.cluster_name",
-        "regex": r"^cluster\.((provider\.[^.]+\.[^.]+(?:\.direct)?|model\..+?\.chain|meshgen\.service)\.)",
-    },
-    {
-        "tag_name": "envoy.http_conn_manager_prefix",
-        "regex": r"^http\.((gateway\.[^.]+|chaos\.provider\.[^.]+\.[^.]+)\.)",
-    },
-]
-
 
 def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, Any]:
     place = Placement(gw, target, region.name)
@@ -33,11 +20,6 @@ def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, An
             "locality": {"region": region.name},
         },
         "admin": {"address": place.admin().socket()},
-        "stats_config": {
-            "stats_tags": STATS_TAGS,
-            "use_all_default_tags": True,
-            "allow_default_tag_overrides": True,
-        },
         # The admin layer lets `meshgen chaos` switch faults with /runtime_modify, no restart.
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
         "static_resources": {

@@ -8,7 +8,7 @@ from meshgen.ir import model as ir
 from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
 from meshgen.render.envoy.routes import chain_cluster
 from meshgen.render.envoy.target import Address, Placement
-from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration
+from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
 
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -118,6 +118,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
         return [
             {
                 "name": c.name,
+                "alt_stat_name": stat_name(c.name),
                 **real,
                 **_resilience(c),
                 "load_assignment": _load_assignment(c.name, endpoints, region=c.region),
@@ -127,6 +128,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
     return [
         {
             "name": c.name,
+            "alt_stat_name": stat_name(c.name),
             "connect_timeout": duration(c.connect_timeout_ms),
             "type": "STATIC",
             "lb_policy": "ROUND_ROBIN",
@@ -136,6 +138,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
         },
         {
             "name": direct_name(c),
+            "alt_stat_name": stat_name(direct_name(c)),
             **real,
             **_resilience(c),
             "load_assignment": _load_assignment(direct_name(c), endpoints, region=c.region),
@@ -153,6 +156,7 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
         clusters.append(
             {
                 "name": chain_cluster(model),
+                "alt_stat_name": stat_name(chain_cluster(model)),
                 "connect_timeout": "1s",
                 "lb_policy": "CLUSTER_PROVIDED",
                 "cluster_type": {
@@ -172,6 +176,7 @@ def service_cluster(place: Placement) -> dict[str, Any]:
     address = place.service()
     return {
         "name": SERVICE_CLUSTER,
+        "alt_stat_name": stat_name(SERVICE_CLUSTER),
         "connect_timeout": "1s",
         **_discovery([address]),
         "lb_policy": "ROUND_ROBIN",

@@ -27,7 +27,7 @@ from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
 from meshgen.render.envoy.filters.rbac import rbac_filter
 from meshgen.render.envoy.routes import route_config
 from meshgen.render.envoy.target import Placement
-from meshgen.render.envoy.types import API, HCM, META_NS, ROUTER, TENANT_HEADER, filter_, openai_error
+from meshgen.render.envoy.types import API, HCM, META_NS, ROUTER, TENANT_HEADER, filter_, openai_error, stat_name
 
 _STRIP_INTERNAL = {
     "name": "envoy.http.early_header_mutation.header_mutation",
@@ -130,7 +130,7 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         filter_("envoy.filters.http.router", ROUTER, {}),
     ]
     hcm = {
-        "stat_prefix": f"gateway.{region.name}",
+        "stat_prefix": stat_name(f"gateway.{region.name}"),
         "codec_type": "AUTO",
         # The gateway is the edge: it sets x-forwarded-for from the peer rather than trusting the client's.
         "use_remote_address": True,
@@ -163,7 +163,7 @@ def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any
     """Faults here look like a failing provider to the gateway's router, so retries, failover and hedging react
     (a route-level fault is a local reply that is never retried; ENVOY-FACTS §7)."""
     hcm = {
-        "stat_prefix": f"chaos.{c.name}",
+        "stat_prefix": stat_name(f"chaos.{c.name}"),
         "route_config": {
             "name": f"chaos.{c.name}",
             "virtual_hosts": [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from meshgen.ir import model as ir
@@ -107,18 +109,12 @@ def route_action(model: ir.Model, chains: dict[str, tuple[str, ...]], *, canary:
 
 
 def _route(name: str, match: dict[str, Any], action: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "match": {"prefix": "/", **match},
-        "route": action,
-        # The client's key and our internal answers stop at the gateway; providers get their own auth.
-        "request_headers_to_remove": [*CLIENT_KEY_HEADERS, TENANT_HEADER, ROUTE_HEADER],
-    }
+    return {"name": name, "match": {"prefix": "/", **match}, "route": action}
 
 
 def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     chains = dict(region.chains)
-    # The service's re-route answer outranks the body, so these come first.
+    # The service's re-route answer (a budget downgrade) outranks the body, so these come first.
     routes = [
         _route(
             f"model.{m.name}.routed",
@@ -126,6 +122,7 @@ def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
             route_action(m, chains, canary=False),
         )
         for m in gw.models
+        if m.name in gw.downgrade_targets
     ]
     for m in gw.models:
         if m.canary and m.canary.header_name:
@@ -156,7 +153,26 @@ def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     return routes
 
 
+def _hoist_common_retry_policy(routes: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The most common route retry policy moves to the virtual host and routes that share it drop theirs (a
+    route's own policy replaces the host's whole). Same behaviour, and a large policy's output shrinks by a sixth."""
+    policies = {json.dumps(r["route"]["retry_policy"]): r["route"]["retry_policy"] for r in routes if "route" in r}
+    counts = Counter(json.dumps(r["route"]["retry_policy"]) for r in routes if "route" in r)
+    if not counts or counts.most_common(1)[0][1] < 2:
+        return routes, {}
+    shared = policies[counts.most_common(1)[0][0]]
+
+    def slim(route: dict[str, Any]) -> dict[str, Any]:
+        action = route.get("route")
+        if action is None or action["retry_policy"] != shared:
+            return route
+        return route | {"route": {k: v for k, v in action.items() if k != "retry_policy"}}
+
+    return [slim(r) for r in routes], {"retry_policy": shared}
+
+
 def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
+    routes, shared = _hoist_common_retry_policy(build_routes(gw, region))
     return {
         "name": f"gateway.{region.name}",
         "virtual_hosts": [
@@ -164,7 +180,10 @@ def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
                 "name": "llm",
                 "domains": ["*"],
                 "include_request_attempt_count": True,
-                "routes": build_routes(gw, region),
+                # The client's key and our internal answers stop at the gateway; providers get their own auth.
+                "request_headers_to_remove": [*CLIENT_KEY_HEADERS, TENANT_HEADER, ROUTE_HEADER],
+                **shared,
+                "routes": routes,
             }
         ],
     }

@@ -21,6 +21,13 @@ MIRROR_HEADER = "x-meshgen-mirror"
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
 
 
+def stat_name(name: str) -> str:
+    """`provider.openai.us-east` → `provider_openai_us-east`: Envoy's tag extraction cuts a stat name at its first
+    dot, which would label every provider cluster "provider" in Prometheus. (Envoy 1.40's
+    `allow_default_tag_overrides` could keep the dots, but xds-protos does not know that field yet.)"""
+    return name.replace(".", "_")
+
+
 def duration(ms: int) -> str:
     """Milliseconds → protobuf JSON Duration ('1.5s')."""
     seconds, rest = divmod(ms, 1000)
