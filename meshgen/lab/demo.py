@@ -109,23 +109,24 @@ def demo_cases(lab: Lab, region: str) -> tuple[DemoCase, ...]:
         DemoCase("llama3", "llama3", DEV_KEY, 200, served_by=(ollama_local,)),
         DemoCase("unknown model", "gpt-5-ultra", PLATFORM_KEY, 404, code="model_not_found"),
         DemoCase("no API key", "gpt-4o", None, 401, code="missing_api_key"),
+        # Failover is shown on gpt-4o-mini: gpt-4o's 10 % canary would make these rows a matter of chance.
         DemoCase(
-            f"gpt-4o, {openai_local} answers 503",
-            "gpt-4o",
+            f"gpt-4o-mini, {openai_local} answers 503",
+            "gpt-4o-mini",
             PLATFORM_KEY,
             200,
             headers={"x-mock": f"status=503@{openai_local}"},
             served_by=openai_others,
-            route="model_gpt-4o_chain",
+            route="model_gpt-4o-mini_chain",
         ),
         DemoCase(
-            "gpt-4o, every OpenAI endpoint answers 503",
-            "gpt-4o",
+            "gpt-4o-mini, every OpenAI endpoint answers 503",
+            "gpt-4o-mini",
             PLATFORM_KEY,
             200,
             headers={"x-mock": "status=503@provider.openai.*"},
             served_by=(ollama_local,),
-            route="model_gpt-4o_chain",
+            route="model_gpt-4o-mini_chain",
         ),
     )
 

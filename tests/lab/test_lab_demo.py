@@ -78,8 +78,8 @@ def test_lab_demo_sends_real_requests_and_tears_down(policy: Path, tmp_path: Pat
         "llama3": ("200", "provider.ollama.us-east.ep0"),
         "unknown model": ("404", "model_not_found"),
         "no API key": ("401", "missing_api_key"),
-        "gpt-4o, provider.openai.us-east.ep0 answers 503": ("200", "provider.openai.europe.ep0"),
-        "gpt-4o, every OpenAI endpoint answers 503": ("200", "provider.ollama.us-east.ep0"),
+        "gpt-4o-mini, provider.openai.us-east.ep0 answers 503": ("200", "provider.openai.europe.ep0"),
+        "gpt-4o-mini, every OpenAI endpoint answers 503": ("200", "provider.ollama.us-east.ep0"),
     }
     for title, (status, shown) in expected.items():
         cells = rows[title].split()
