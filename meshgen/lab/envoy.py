@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from meshgen.lab.lifecycle import Managed, terminate
 from meshgen.validate.envoy import envoy_binary as find_envoy
 
 __all__ = ["EnvoyError", "EnvoyProcess", "envoy_binary"]
@@ -47,7 +47,7 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class EnvoyProcess:
+class EnvoyProcess(Managed):
     """The real Envoy on ``config_path``; ``admin_port`` must be the admin port that config declares.
 
     A context manager: ``__enter__`` starts Envoy and waits until ``/ready`` answers LIVE (``ready_timeout``),
@@ -152,21 +152,11 @@ class EnvoyProcess:
         proc, self._proc = self._proc, None
         code: int | None = None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
-            code = proc.returncode
+            code = terminate(proc, timeout)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
         return code
-
-    def __enter__(self) -> EnvoyProcess:
-        return self.start()
 
     def __exit__(
         self,

@@ -40,12 +40,13 @@ import fnmatch
 import json
 import threading
 import time
-import types
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
+
+from meshgen.lab.lifecycle import Managed
 
 __all__ = ["Behaviour", "MockHeaderError", "MockProviders", "MockUpstream", "RecordedRequest", "parse_mock_header"]
 
@@ -194,7 +195,7 @@ class _Overrides:
     kv: dict[str, str] = field(default_factory=dict)
 
 
-class MockProviders:
+class MockProviders(Managed):
     """Mock LLM providers on ``{label: port}``; a context manager that serves from a background thread."""
 
     def __init__(self, labels: Mapping[str, int], *, host: str = "127.0.0.1") -> None:
@@ -237,17 +238,6 @@ class MockProviders:
         if thread.is_alive():
             raise RuntimeError(f"MockProviders thread did not stop within {timeout}s")
         self._thread = None
-
-    def __enter__(self) -> MockProviders:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ---- addresses -------------------------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ from meshgen.compile import compile_gateway, render_all
 from meshgen.errors import MeshgenError
 from meshgen.ir.model import Gateway
 from meshgen.lab.envoy import EnvoyError, EnvoyProcess
+from meshgen.lab.lifecycle import Managed
 from meshgen.lab.providers import MockProviders
 from meshgen.lab.service import ServiceError, ServiceProcess
 
@@ -75,7 +76,7 @@ def _ports_in_use(ports: Iterable[tuple[str, int]]) -> list[str]:
     return busy
 
 
-class Lab:
+class Lab(Managed):
     """The gateway of ``policy`` on loopback; a context manager (``start()`` / ``stop()``)."""
 
     def __init__(
@@ -190,17 +191,6 @@ class Lab:
         self.envoys = {}
         self.service = None
         self.providers = None
-
-    def __enter__(self) -> Lab:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def exited(self) -> list[str]:
         """The parts that are no longer running (none while the lab is healthy)."""

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from meshgen.lab.lifecycle import Managed, terminate
 
 __all__ = ["READY_PREFIX", "ServiceError", "ServiceProcess"]
 
@@ -33,7 +34,7 @@ class ServiceError(RuntimeError):
     """The data-plane service did not start, or did not log what was awaited, in time."""
 
 
-class ServiceProcess:
+class ServiceProcess(Managed):
     """``python -m ext_proc --config CONFIG --host HOST --port PORT [EXTRA_ARGS]``; stderr read in a thread."""
 
     def __init__(
@@ -147,27 +148,10 @@ class ServiceProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=self.timeout)
+        terminate(proc, self.timeout)
         if self._reader is not None:
             self._reader.join(timeout=self.timeout)
             self._reader = None
         if proc.stderr is not None:
             proc.stderr.close()
         return proc.returncode
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
