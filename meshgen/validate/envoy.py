@@ -24,6 +24,7 @@ _EXTENSION_MODULES = (
     "envoy.extensions.filters.http.router.v3.router_pb2",
     "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
     "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
+    "envoy.extensions.resource_monitors.downstream_connections.v3.downstream_connections_pb2",
     "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
     "envoy.extensions.retry.priority.previous_priorities.v3.previous_priorities_config_pb2",
     "envoy.extensions.transport_sockets.tls.v3.tls_pb2",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,25 +74,28 @@ def with_free_ports(gw: Gateway, service_port: int) -> Gateway:
     return gw.model_copy(update={"ports": Ports(by_name=tuple(ports.items()))})
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@contextmanager
+def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator[Lab]:
+    """`gw` built as `meshgen build` would, on free ports, run by the real Envoy before the real service (or, with
+    `service=False`, before a port where nothing answers) and mock providers."""
     require_binary("envoy")
-    out = tmp_path_factory.mktemp("generated")
-    gw = compile_gateway(POLICY)
+    out.mkdir(parents=True, exist_ok=True)
     config = out / "service.json"
     config.write_text(json.dumps(next(d for d in render_all(gw) if d.path == "local/service.json").data))
-    service = ServiceProcess(config).start()
-    try:
-        gw = with_free_ports(gw, service.port)
+    with ExitStack() as stack:
+        port = stack.enter_context(ServiceProcess(config)).port if service else free_ports(1)[0]
+        gw = with_free_ports(gw, port)
         output.write(out / "gen", output.serialize(render_all(gw), source=POLICY.name, version="test"))
         endpoints = {e.name: gw.ports.of(e.name) for c in gw.clusters for e in c.endpoints}
-        with (
-            MockUpstream(endpoints) as upstream,
-            EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")) as envoy,
-        ):
-            yield Lab(gw, envoy, upstream, gw.ports.of("listener.us-east"))
-    finally:
-        service.stop()
+        upstream = stack.enter_context(MockUpstream(endpoints))
+        envoy = stack.enter_context(EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")))
+        yield Lab(gw, envoy, upstream, gw.ports.of("listener.us-east"))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with running_gateway(compile_gateway(POLICY), tmp_path_factory.mktemp("generated")) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

@@ -148,6 +148,16 @@ def test_client_cannot_set_envoy_timeouts_or_retries(lab: Lab) -> None:
     assert not leaked
 
 
+def test_tenant_rpm_is_enforced_by_envoy_with_an_openai_error(lab: Lab) -> None:
+    statuses = [lab.post(chat("dev-model"), key="sk-test-limited").status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    limited = lab.post(chat("dev-model"), key="sk-test-limited")
+    assert limited.status == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limited.headers["x-ratelimit-limit"] == "3"
+    assert lab.post(chat("dev-model"), key=DEV_KEY).status == 200, "another tenant's bucket is its own"
+
+
 def test_admin_serves_prometheus_stats_on_loopback(lab: Lab) -> None:
     assert lab.gw.ports.of("admin.us-east")
     text = lab.envoy.admin("/stats/prometheus")

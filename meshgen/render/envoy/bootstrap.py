@@ -10,6 +10,9 @@ from meshgen.render.envoy.clusters import all_clusters
 from meshgen.render.envoy.listeners import all_listeners
 from meshgen.render.envoy.target import Placement, Target
 
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+"""Beyond this Envoy refuses new client connections rather than running out of file descriptors."""
+
 
 def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, Any]:
     place = Placement(gw, target, region.name)
@@ -22,6 +25,18 @@ def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, An
         "admin": {"address": place.admin().socket()},
         # The admin layer lets `meshgen chaos` switch faults with /runtime_modify, no restart.
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
+                        ".DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "listeners": all_listeners(gw, place, region),
             "clusters": all_clusters(gw, place, region),

@@ -57,54 +57,55 @@ _ACCESS_LOG_FIELDS = {
     "upstream": "%UPSTREAM_HOST%",
 }
 
-# Envoy's own refusals, answered in the same OpenAI error shape as the service's: (filter, status, error).
-_LOCAL_REPLIES = (
-    (
-        {
-            "status_code_filter": {
-                "comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "meshgen.rbac"}}
-            }
+
+def _status(code: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": "-"}}}}
+
+
+def _flag(flag: str) -> dict[str, Any]:
+    return {"response_flag_filter": {"flags": [flag]}}
+
+
+def _answer(match: dict[str, Any], status: int, message: str, kind: str, code: str) -> dict[str, Any]:
+    return {
+        "filter": match,
+        "status_code": status,
+        "body": {"inline_string": openai_error(message, kind, code)},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
         },
-        403,
-        ("The tenant may not use this model.", "permission_error", "model_not_allowed"),
-    ),
-    (
-        {"response_flag_filter": {"flags": ["RL"]}},
-        429,
-        ("Request rate limit reached for this tenant.", "rate_limit_error", "rate_limit_exceeded"),
-    ),
-    (
-        {"response_flag_filter": {"flags": ["UH"]}},
-        503,
-        ("No healthy provider can serve this model right now.", "server_error", "no_healthy_upstream"),
-    ),
-    (
-        {"response_flag_filter": {"flags": ["UT"]}},
-        504,
-        ("The provider did not answer in time.", "server_error", "upstream_timeout"),
-    ),
-)
+    }
 
 
 def _local_reply_config() -> dict[str, Any]:
-    # The service's own refusals (flag UAEX) already carry its OpenAI body: the first mapper matches them and
-    # changes nothing, so the 403 mapper below only ever rewrites Envoy's RBAC denials.
-    keep_service_answer = {"filter": {"response_flag_filter": {"flags": ["UAEX"]}}}
+    """Envoy's own refusals answer in the same OpenAI error shape as the service's. First match wins."""
+    admission_down = {"and_filter": {"filters": [_flag("UAEX"), _status(503)]}}
     return {
         "mappers": [
-            keep_service_answer,
-            *(
-                {
-                    "filter": match,
-                    "status_code": status,
-                    "body": {"inline_string": openai_error(*error)},
-                    "body_format_override": {
-                        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                        "content_type": "application/json",
-                    },
-                }
-                for match, status, error in _LOCAL_REPLIES
+            # The service unreachable with failure_mode: closed (ext_authz's status_on_error).
+            _answer(
+                admission_down, 503, "Admission is unavailable; retry shortly.", "server_error", "admission_unavailable"
             ),
+            # The service's own refusals already carry its OpenAI body: kept as they are, so the 403 and 429
+            # below only ever rewrite Envoy's RBAC denials and local rate limits.
+            {"filter": _flag("UAEX")},
+            _answer(_status(403), 403, "The tenant may not use this model.", "permission_error", "model_not_allowed"),
+            _answer(
+                _status(429),
+                429,
+                "Request rate limit reached for this tenant.",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            _answer(
+                _flag("UH"),
+                503,
+                "No healthy provider can serve this model right now.",
+                "server_error",
+                "no_healthy_upstream",
+            ),
+            _answer(_flag("UT"), 504, "The provider did not answer in time.", "server_error", "upstream_timeout"),
         ]
     }
 
