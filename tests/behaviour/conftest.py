@@ -18,20 +18,11 @@ from meshgen.compile import compile_gateway, render_all
 from meshgen.ir.model import Gateway, Ports
 from meshgen.lab.service import ServiceProcess
 from tests.support import EnvoyProcess, MockUpstream, free_ports, require_binary
+from tests.support.client import Reply, post
 
 POLICY = Path(__file__).with_name("policy.yaml")
 TEAM_KEY = "sk-test-team"
 DEV_KEY = "sk-test-dev"
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -49,19 +40,8 @@ class Lab:
         headers: Mapping[str, str] | None = None,
         conn: http.client.HTTPConnection | None = None,
     ) -> Reply:
-        own = conn is None
-        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        sent = {"content-type": "application/json", **(headers or {})}
-        if key is not None:
-            sent["authorization"] = f"Bearer {key}"
-        try:
-            conn.request("POST", "/v1/chat/completions", body=payload, headers=sent)
-            response = conn.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            if own:
-                conn.close()
+        auth = {"authorization": f"Bearer {key}"} if key is not None else {}
+        return post(self.port, body, {**auth, **(headers or {})}, conn=conn)
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support import EnvoyError, EnvoyProcess, MockUpstream, envoy_validate, free_ports, require_binary
+from tests.support.client import post
 
 OPENAI = "provider.openai.us-east.ep0"
 OLLAMA = "provider.ollama.us-east.ep0"
@@ -97,29 +97,6 @@ def bootstrap(listener_port: int, admin_port: int, upstream: Mapping[str, int]) 
             ],
         },
     }
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def post(port: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> Reply:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        payload = json.dumps(body).encode()
-        hdrs = {"content-type": "application/json", **(headers or {})}
-        conn.request("POST", "/v1/chat/completions", body=payload, headers=hdrs)
-        resp = conn.getresponse()
-        data = resp.read()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-    finally:
-        conn.close()
 
 
 @dataclass(frozen=True)
