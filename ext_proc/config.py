@@ -89,6 +89,8 @@ class ServiceConfig(_Frozen):
     failure_mode: Literal["open", "closed"]
     models: dict[ModelName, ModelConfig]
     tenants: dict[TenantName, TenantConfig]
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=8 * 1024 * 1024)
+    """Largest request body admitted (413 above it): Envoy's ext_authz ``with_request_body.max_request_bytes``."""
 
     @model_validator(mode="after")
     def _check_references(self) -> ServiceConfig:

@@ -5,6 +5,7 @@ Exception tree::
     ApiError                      whitelisted: status, type and code are shown to the client
     ├── MissingApiKey             401 authentication_error  missing_api_key
     ├── InvalidApiKey             401 authentication_error  invalid_api_key
+    ├── InvalidContentType        400 invalid_request_error invalid_content_type
     ├── InvalidJson               400 invalid_request_error invalid_json
     ├── MissingModel              400 invalid_request_error missing_model
     ├── ModelNotFound             404 invalid_request_error model_not_found
@@ -26,6 +27,7 @@ from typing import ClassVar
 __all__ = [
     "ApiError",
     "InvalidApiKey",
+    "InvalidContentType",
     "InvalidJson",
     "MalformedRequest",
     "MethodNotAllowed",
@@ -69,6 +71,11 @@ class MissingApiKey(ApiError):
 class InvalidApiKey(ApiError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
     default_message = "Incorrect API key provided."
+
+
+class InvalidContentType(ApiError):
+    status, type, code = 400, "invalid_request_error", "invalid_content_type"
+    default_message = "Content-Type must be application/json"
 
 
 class InvalidJson(ApiError):

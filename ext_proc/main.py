@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ext_proc.config import ConfigError, ServiceConfig, load_config
-from ext_proc.server import DEFAULT_MAX_BODY_BYTES, Server
+from ext_proc.server import Server
 
 __all__ = ["main"]
 
@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body-bytes",
         type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help="refuse larger request bodies with 413 (default: %(default)s)",
+        default=None,
+        help="refuse larger request bodies with 413 (default: the config's max_request_bytes)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -63,7 +63,9 @@ def _configure_logging(level: str) -> logging.Logger:
     return logger
 
 
-async def _serve(config: ServiceConfig, host: str, port: int, max_body_bytes: int, logger: logging.Logger) -> int:
+async def _serve(
+    config: ServiceConfig, host: str, port: int, max_body_bytes: int | None, logger: logging.Logger
+) -> int:
     server = Server(config, max_body_bytes=max_body_bytes, logger=logger)
     try:
         bound_host, bound_port = await server.start(host, port)

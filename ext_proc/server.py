@@ -2,7 +2,8 @@
 
 Envoy's ext_authz filter (``http_service``, ``path_prefix: /authz``, ``with_request_body``) sends one
 ``<METHOD> /authz/<original path>`` per client request, carrying the client's ``authorization``,
-``x-api-key``, ``content-type`` and ``x-priority`` headers and the raw request body.
+``x-api-key``, ``content-type`` and ``x-priority`` headers and the raw request body (at most the config's
+``max_request_bytes``, unless the server is given another ``max_body_bytes``).
 
 - ``/authz`` and ``/authz/…``: admission. 200 with ``x-meshgen-tenant`` and no body allows the request;
   any other status denies it, and Envoy passes status and body on to the client.
@@ -36,9 +37,7 @@ from ext_proc.errors import (
     ServiceUnavailable,
 )
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Server"]
-
-DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+__all__ = ["Server"]
 
 _REASONS: Final = {
     200: b"OK",
@@ -68,19 +67,20 @@ def _head(status: int, headers: tuple[tuple[str, str], ...], content_length: int
 class Server:
     """Serves admission for one :class:`ServiceConfig` until :meth:`close`.
 
-    ``admission`` defaults to ``Admission(config)``; tests pass their own.
+    ``max_body_bytes`` defaults to ``config.max_request_bytes``; ``admission`` to ``Admission(config)``
+    (tests pass their own).
     """
 
     def __init__(
         self,
         config: ServiceConfig,
         *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int | None = None,
         logger: logging.Logger | None = None,
         admission: Admission | None = None,
     ):
         self.config = config
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = config.max_request_bytes if max_body_bytes is None else max_body_bytes
         self._log = logger if logger is not None else logging.getLogger("ext_proc")
         self._admission = admission if admission is not None else Admission(config)
         self._allow: dict[str, bytes] = {
@@ -112,14 +112,21 @@ class Server:
     # --- request handling: returns (head without the final blank line, body) ---
 
     def handle(
-        self, method: bytes, url: bytes, authorization: bytes | None, x_api_key: bytes | None, body: bytes
+        self,
+        method: bytes,
+        url: bytes,
+        authorization: bytes | None,
+        x_api_key: bytes | None,
+        body: bytes,
+        content_type: bytes | None = None,
     ) -> tuple[bytes, bytes]:
         try:
             query = url.find(b"?")
             path = url if query < 0 else url[:query]
             if path.startswith(_AUTHZ_PREFIX) or path == b"/authz":
                 try:
-                    admitted = self._admission.admit(api_key_from_headers(authorization, x_api_key), body)
+                    key = api_key_from_headers(authorization, x_api_key)
+                    admitted = self._admission.admit(key, body, content_type)
                 except ApiError as err:
                     return self.refusal(err)
                 return self._allow[admitted.tenant], b""
@@ -158,6 +165,7 @@ class _HttpProtocol(asyncio.Protocol):
         "_body",
         "_body_size",
         "_closing",
+        "_content_type",
         "_parser",
         "_server",
         "_transport",
@@ -173,6 +181,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._authorization: bytes | None = None
         self._x_api_key: bytes | None = None
+        self._content_type: bytes | None = None
         self._body: list[bytes] = []
         self._body_size = 0
 
@@ -222,6 +231,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._authorization = None
         self._x_api_key = None
+        self._content_type = None
         self._body = []
         self._body_size = 0
 
@@ -236,6 +246,9 @@ class _HttpProtocol(asyncio.Protocol):
         elif name == b"x-api-key":
             if self._x_api_key is None:
                 self._x_api_key = value
+        elif name == b"content-type":
+            if self._content_type is None:
+                self._content_type = value
 
     def on_headers_complete(self) -> None:
         if self._parser.should_upgrade():  # Upgrade or CONNECT: not something Envoy's ext_authz sends
@@ -261,6 +274,7 @@ class _HttpProtocol(asyncio.Protocol):
             self._authorization,
             self._x_api_key,
             body[0] if len(body) == 1 else b"".join(body),
+            self._content_type,
         )
         self._body = []
         if self._parser.should_keep_alive():

@@ -27,6 +27,13 @@ def test_loads_the_documented_example(tmp_path: Path) -> None:
     assert config.models["gpt-4o"].price is not None and config.models["gpt-4o"].price.output_per_mtok == 10.0
     assert config.models["llama3"].price is None and config.models["llama3"].downgrade is None
     assert config.tenants["team-b"].limits == Limits()
+    assert config.max_request_bytes == 8 * 1024 * 1024  # absent: Envoy's ext_authz cap
+
+
+def test_max_request_bytes(tmp_path: Path) -> None:
+    doc = config_dict()
+    doc["max_request_bytes"] = 1024
+    assert load_config(write_config(tmp_path, doc)).max_request_bytes == 1024
 
 
 def test_round_trips_and_is_frozen(tmp_path: Path) -> None:
@@ -95,6 +102,14 @@ def _delete(key: str) -> Edit:
             "invalid config:\n  models.gpt-4o.downgrade: unknown model 'gpt-3'",
         ),
         (
+            _set("max_request_bytes", 1023),
+            "invalid config:\n  max_request_bytes: Input should be greater than or equal to 1024",
+        ),
+        (
+            _set("max_request_bytes", 8 * 1024 * 1024 + 1),
+            "invalid config:\n  max_request_bytes: Input should be less than or equal to 8388608",
+        ),
+        (
             _set("tenants/team-b/key_hashes", [sha256_hex("x"), sha256_hex("sk-team-a-second-key")]),
             "invalid config:\n  tenants.team-b.key_hashes[1]: key hash already used by tenant 'team-a'",
         ),
@@ -111,6 +126,8 @@ def _delete(key: str) -> Edit:
         "max-tokens-null",
         "tenant-unknown-model",
         "downgrade-unknown-model",
+        "max-request-bytes-too-small",
+        "max-request-bytes-too-large",
         "key-shared-by-tenants",
     ],
 )

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,9 @@ from tests.ext_proc.kit import (
     TIMEOUT,
     ServiceProcess,
     authz_request,
+    config_dict,
     read_response,
+    write_config,
 )
 
 CHAT = "/authz/v1/chat/completions"
@@ -37,6 +40,8 @@ MISSING_KEY = error(
 )
 INVALID_KEY = error("Incorrect API key provided.", "authentication_error", "invalid_api_key")
 INVALID_JSON = error("The request body must be a JSON object.", "invalid_request_error", "invalid_json")
+INVALID_CONTENT_TYPE = error("Content-Type must be application/json", "invalid_request_error", "invalid_content_type")
+FORM = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
 MISSING_MODEL = error(
     "The request body must name a model: a string field 'model'.", "invalid_request_error", "missing_model"
 )
@@ -99,6 +104,16 @@ def assert_refusal(result: tuple[int, dict[str, str], bytes], status: int, expec
         (bearer("sk-wrong"), {"model": "no-such-model"}, 401, INVALID_KEY),
         ({"x-api-key": "sk-wrong"}, b"{not json", 401, INVALID_KEY),
         (bearer(KEY_A), b"{not json", 400, INVALID_JSON),
+        ({**bearer(KEY_A), **FORM}, {"model": "gpt-4o"}, 400, INVALID_CONTENT_TYPE),
+        ({**bearer(KEY_A), **FORM}, b"model=gpt-4o", 400, INVALID_CONTENT_TYPE),
+        (
+            {"x-api-key": KEY_B, "content-type": "text/plain; charset=utf-8"},
+            {"model": "nope"},
+            400,
+            INVALID_CONTENT_TYPE,
+        ),
+        ({"x-api-key": "sk-wrong", **FORM}, b"model=gpt-4o", 401, INVALID_KEY),
+        ({**FORM}, b"model=gpt-4o", 401, MISSING_KEY),
         (bearer(KEY_A), b"", 400, INVALID_JSON),
         (bearer(KEY_A), b"\xff\xfe\x00garbage", 400, INVALID_JSON),
         (bearer(KEY_A), b'["model", "gpt-4o"]', 400, INVALID_JSON),
@@ -142,6 +157,11 @@ def assert_refusal(result: tuple[int, dict[str, str], bytes], status: int, expec
         "bad-key-hides-model",
         "bad-key-hides-bad-json",
         "bad-json",
+        "form-content-type",
+        "form-content-type-form-body",
+        "text-content-type-hides-model",
+        "bad-key-before-content-type",
+        "no-key-before-content-type",
         "empty-body",
         "not-utf8",
         "json-array",
@@ -180,6 +200,28 @@ def test_allowed(conn: http.client.HTTPConnection, headers: dict[str, str], mode
     assert (status, body) == (200, b"")
     assert got["x-meshgen-tenant"] == tenant
     assert got["content-length"] == "0"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "Application/JSON",
+        "application/json; charset=utf-8",
+        "APPLICATION/json ;charset=UTF-8",
+    ],
+    ids=["absent", "empty", "plain", "mixed-case", "charset", "upper-spaced"],
+)
+def test_json_content_types_allowed(raw: socket.socket, content_type: str | None) -> None:
+    body = b'{"model":"gpt-4o"}'
+    ct = "" if content_type is None else f"content-type: {content_type}\r\n"
+    head = f"POST /authz/v1/chat/completions HTTP/1.1\r\nhost: x\r\n{ct}x-api-key: {KEY_A}\r\n"
+    raw.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+    with raw.makefile("rb") as stream:
+        resp = read_response(stream)
+    assert (resp.status, resp.headers.get("x-meshgen-tenant"), resp.body) == (200, "team-a", b"")
 
 
 def test_any_path_and_method_under_authz(conn: http.client.HTTPConnection) -> None:
@@ -295,6 +337,28 @@ def test_body_too_large_closes(raw: socket.socket) -> None:
         assert stream.read() == b""
     assert (resp.status, resp.headers["connection"]) == (413, "close")
     assert resp.json() == error("The request body is too large.", "invalid_request_error", "request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("flag", "limit"),
+    [((), 1024), (("--max-body-bytes", "2048"), 2048)],
+    ids=["from-config", "flag-overrides-config"],
+)
+def test_body_limit_from_config(tmp_path: Path, flag: tuple[str, ...], limit: int) -> None:
+    doc = config_dict()
+    doc["max_request_bytes"] = 1024
+    with ServiceProcess(write_config(tmp_path, doc), flag) as service:
+
+        def send(size: int) -> int:
+            prefix = b'{"model":"gpt-4o","pad":"'
+            body = prefix + b"x" * (size - len(prefix) - 2) + b'"}'
+            assert len(body) == size
+            with socket.create_connection((service.host, service.port), timeout=TIMEOUT) as s:
+                s.sendall(authz_request(body, key=KEY_A))
+                with s.makefile("rb") as stream:
+                    return read_response(stream).status
+
+        assert [send(limit), send(limit + 1)] == [200, 413]
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ def test_signal_exits_cleanly_with_open_connection(tmp_path: Path, signum: int) 
 
 
 class _BrokenAdmission(Admission):
-    def admit(self, key: bytes | None, body: bytes) -> Admitted:
+    def admit(self, key: bytes | None, body: bytes, content_type: bytes | None = None) -> Admitted:
         raise RuntimeError(f"boom while reading {body!r}")
 
 
