@@ -21,6 +21,7 @@ MG014    plaintext or malformed API key (only ``sha256:<64 hex>`` is accepted)
 MG015    number out of range (canary weight 150, abort 600, …)
 MG016    list or mapping with too few or too many entries (``endpoints: []``, …)
 MG017    invalid name (names are lowercase DNS labels: ``a-z 0-9 - .``)
+MG018    invalid header name (letters, digits and ``-``; no ``_``: Envoy drops such headers)
 MG101    unknown model (failover, canary, mirror, downgrade, tenant models)
 MG102    unknown provider (``models.*.provider``, ``chaos.*.target.provider``)
 MG103    unknown region (``providers.*.endpoints[*].region``, ``chaos.*.target.region``)
@@ -29,11 +30,16 @@ MG105    a model fails over, canaries, mirrors or downgrades to itself
 MG106    the same model listed twice in one failover list
 MG107    empty failover list
 MG108    downgrade to a model that is not cheaper
+MG109    ``hedge.after`` and ``retry.per_try_timeout`` both set (a hedge is the per-try timeout)
+MG110    ``hedge.after`` or ``retry.per_try_timeout`` not shorter than the model's effective timeout
+MG121    one provider's endpoints in one region (or without one) mix ``http://`` and ``https://``
 MG201    the same API key hash twice (across tenants or within one)
 MG202    tenant allowed no model (``models: []``)
 MG301    region with ``auth: jwt`` but no ``jwt`` block
 MG302    region with a ``jwt`` block but another ``auth``
 MG311    chaos fault with neither ``delay`` nor ``abort``
+MG312    chaos fault targets a region where its provider has no endpoint (it would hit nothing)
+MG401    header the gateway strips from clients (``x-meshgen-*``, ``x-envoy-*``) used for routing
 =======  ==========================================================================================
 """
 
@@ -44,19 +50,23 @@ from collections.abc import Callable, Iterable
 
 from meshgen.errors import Problem
 from meshgen.policy.lines import LineIndex
-from meshgen.policy.model import Policy
+from meshgen.policy.model import RESERVED_HEADER_PREFIXES, Policy
 
 __all__ = [
     "CHECKS",
     "check_chaos_faults",
+    "check_chaos_regions",
     "check_downgrade_price",
     "check_duplicate_key_hashes",
     "check_failover_cycles",
     "check_failover_lists",
+    "check_hedge_timeouts",
+    "check_mixed_schemes",
     "check_model_references",
     "check_provider_references",
     "check_region_auth",
     "check_region_references",
+    "check_reserved_headers",
     "check_self_references",
     "check_tenant_models",
     "did_you_mean",
@@ -371,6 +381,137 @@ def check_chaos_faults(policy: Policy, lines: LineIndex) -> list[Problem]:
     ]
 
 
+def _duration(ms: int) -> str:
+    """Milliseconds in the file's notation, in the largest unit that divides them: 30000 → '30s'."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def check_hedge_timeouts(policy: Policy, lines: LineIndex) -> list[Problem]:
+    """A model sets a hedge or a per-try timeout, not both (MG109); either is shorter than its timeout (MG110).
+
+    The effective timeout is the model's ``timeout``, else its provider's, else ``provider_defaults.timeout``.
+    """
+    problems = []
+    for name, spec in policy.models.items():
+        hedge = spec.hedge.after if spec.hedge else None
+        per_try = spec.retry.per_try_timeout
+        if hedge is not None and per_try is not None:
+            problems.append(
+                lines.problem(
+                    ("models", name, "hedge"),
+                    "hedge and retry.per_try_timeout are both set",
+                    code="MG109",
+                    hint="a hedge is the per-try timeout: keep hedge.after or retry.per_try_timeout, not both",
+                )
+            )
+        provider = policy.providers.get(spec.provider)
+        if spec.timeout is not None:
+            timeout, source = spec.timeout, f"models.{name}.timeout"
+        elif provider is not None and provider.timeout is not None:
+            timeout, source = provider.timeout, f"providers.{spec.provider}.timeout"
+        elif provider is not None:
+            timeout, source = policy.provider_defaults.timeout, "provider_defaults.timeout"
+        else:
+            continue  # unknown provider: MG102
+        for path, value, what in (
+            (("models", name, "hedge", "after"), hedge, "hedge"),
+            (("models", name, "retry", "per_try_timeout"), per_try, "per-try timeout"),
+        ):
+            if value is not None and value >= timeout:
+                problems.append(
+                    lines.problem(
+                        path,
+                        f"{_duration(value)} is not shorter than the model's timeout of {_duration(timeout)}, "
+                        f"set by {source}",
+                        code="MG110",
+                        hint=f"the {what} could never fire; make it shorter than {_duration(timeout)}",
+                    )
+                )
+    return problems
+
+
+def check_mixed_schemes(policy: Policy, lines: LineIndex) -> list[Problem]:
+    """A provider's endpoints in one region (or all without one) share a scheme (MG121): one cluster, one TLS."""
+    problems = []
+    for name, provider in policy.providers.items():
+        first: dict[str | None, tuple[int, str]] = {}
+        for i, endpoint in enumerate(provider.endpoints):
+            scheme = endpoint.url.split("://", 1)[0]
+            if endpoint.region not in first:
+                first[endpoint.region] = (i, scheme)
+                continue
+            first_i, first_scheme = first[endpoint.region]
+            if scheme != first_scheme:
+                where = f"in region '{endpoint.region}'" if endpoint.region else "among endpoints without a region"
+                problems.append(
+                    lines.problem(
+                        ("providers", name, "endpoints", i, "url"),
+                        f"{scheme}:// mixed with {first_scheme}:// (endpoints[{first_i}]) {where}",
+                        code="MG121",
+                        hint="a provider's endpoints in one region form one cluster with one TLS setting; "
+                        "use one scheme for all of them",
+                    )
+                )
+    return problems
+
+
+def check_chaos_regions(policy: Policy, lines: LineIndex) -> list[Problem]:
+    """A fault aimed at a region hits the target provider's endpoints there: there must be some (MG312).
+
+    Unknown providers and regions are MG102's and MG103's.
+    """
+    known = _defined(policy.regions, lines, "regions")
+    problems = []
+    for name, fault in policy.chaos.items():
+        region = fault.target.region
+        provider = policy.providers.get(fault.target.provider)
+        if region is None or provider is None or region not in known:
+            continue
+        placed = list(dict.fromkeys(ep.region for ep in provider.endpoints if ep.region is not None))
+        if region in placed:
+            continue
+        if placed:
+            hint = f"the fault would hit nothing; its endpoints are in {', '.join(placed)}: aim there or remove region"
+        else:
+            hint = "the fault would hit nothing; its endpoints have no region: remove region to hit them"
+        problems.append(
+            lines.problem(
+                ("chaos", name, "target", "region"),
+                f"provider '{fault.target.provider}' has no endpoint in region '{region}'",
+                code="MG312",
+                hint=hint,
+            )
+        )
+    return problems
+
+
+def check_reserved_headers(policy: Policy, lines: LineIndex) -> list[Problem]:
+    """Headers the policy routes on must not be ones the gateway strips from clients (MG401)."""
+    refs: list[tuple[tuple[str | int, ...], str, str]] = []
+    for name, spec in policy.models.items():
+        if spec.canary:
+            refs += [(("models", name, "canary", "header", h), h, "X-Model-Version") for h in spec.canary.header]
+        if spec.affinity:
+            refs.append((("models", name, "affinity", "header"), spec.affinity.header, "x-session-id"))
+    for name, tenant in policy.tenants.items():
+        if tenant.non_critical:
+            refs.append((("tenants", name, "non_critical", "header"), tenant.non_critical.header, "x-priority"))
+    prefixes = " and ".join(f"{p}*" for p in RESERVED_HEADER_PREFIXES)
+    return [
+        lines.problem(
+            path,
+            f"header '{header}' is stripped from client requests, so this could never match",
+            code="MG401",
+            hint=f"the gateway removes {prefixes} headers before routing; use another name, e.g. {example}",
+        )
+        for path, header, example in refs
+        if header.lower().startswith(RESERVED_HEADER_PREFIXES)
+    ]
+
+
 CHECKS: tuple[Check, ...] = (
     check_model_references,
     check_provider_references,
@@ -379,10 +520,14 @@ CHECKS: tuple[Check, ...] = (
     check_failover_lists,
     check_failover_cycles,
     check_downgrade_price,
+    check_hedge_timeouts,
+    check_mixed_schemes,
     check_duplicate_key_hashes,
     check_tenant_models,
     check_region_auth,
     check_chaos_faults,
+    check_chaos_regions,
+    check_reserved_headers,
 )
 
 

@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails
 from meshgen.errors import PolicyError, Problem
 from meshgen.policy.checks import did_you_mean, run_checks
 from meshgen.policy.lines import ROOT, LineIndex, YamlPath
-from meshgen.policy.model import Policy
+from meshgen.policy.model import HEADER_PATTERN, Policy
 
 __all__ = ["load_policy", "load_policy_text"]
 
@@ -278,10 +278,14 @@ def _translate(error: ErrorDetails, lines: LineIndex) -> Problem:
 
     if loc and loc[-1] == "[key]":
         loc = loc[:-1]
+        if _key_pattern(loc) == HEADER_PATTERN and kind in ("string_pattern_mismatch", "string_type"):
+            return _bad_header(lines, loc, value)
         if kind in ("string_pattern_mismatch", "string_too_long", "string_type"):
             return _bad_name(lines, loc, value)
     if kind == "string_pattern_mismatch":
         pattern = ctx.get("pattern")
+        if pattern == HEADER_PATTERN:
+            return _bad_header(lines, loc, value)
         if pattern == _KEY_HASH_PATTERN:
             return lines.problem(
                 loc,
@@ -344,6 +348,15 @@ def _bad_name(lines: LineIndex, loc: YamlPath, value: object) -> Problem:
     if isinstance(value, str) and len(value) > 63:
         return lines.problem(loc, f"name longer than 63 characters: {_show(value, loc)}", code="MG017", hint=hint)
     return lines.problem(loc, f"invalid name {_show(value, loc)}", code="MG017", hint=hint)
+
+
+def _bad_header(lines: LineIndex, loc: YamlPath, value: object) -> Problem:
+    suggestion = re.sub(r"[^A-Za-z0-9-]+", "-", str(value)).strip("-")
+    example = suggestion if suggestion and suggestion != value else "X-Model-Version"
+    hint = f"use letters, digits and '-', e.g. '{example}'"
+    if "_" in str(value):
+        hint += "; Envoy drops headers with '_'"
+    return lines.problem(loc, f"invalid header name {_show(value, loc)}", code="MG018", hint=hint)
 
 
 def _show(value: object, loc: YamlPath) -> str:
@@ -463,6 +476,16 @@ def _constraints(loc: Sequence[object]) -> list[object]:
         for meta in typing.get_args(tp)[1:]:
             found += list(meta.metadata) if isinstance(meta, FieldInfo) else [meta]
     return found
+
+
+def _key_pattern(loc: Sequence[object]) -> str | None:
+    """The pattern the keys of the mapping holding ``loc`` must match, if any."""
+    inner = _type_at(loc[:-1])
+    if typing.get_origin(inner) is not dict:
+        return None
+    key = typing.get_args(inner)[0]
+    metas = typing.get_args(key)[1:] if typing.get_origin(key) is typing.Annotated else ()
+    return next((m.pattern for m in metas if isinstance(getattr(m, "pattern", None), str)), None)
 
 
 def _is_name(loc: Sequence[object]) -> bool:

@@ -31,6 +31,11 @@ Duration = Annotated[int, BeforeValidator(parse_duration)]
 """A duration in the file ('5s'), an integer of milliseconds once loaded."""
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", max_length=63)]
+HEADER_PATTERN = r"^[A-Za-z0-9-]+$"
+HeaderName = Annotated[str, StringConstraints(pattern=HEADER_PATTERN)]
+"""An HTTP header name the policy routes on; any case. No ``_``: Envoy drops headers with underscores."""
+RESERVED_HEADER_PREFIXES = ("x-meshgen-", "x-envoy-")
+"""The gateway strips client headers with these prefixes (any case) before routing (check MG401)."""
 KeyHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 Percent = Annotated[float, Field(ge=0, le=100)]
 
@@ -67,6 +72,8 @@ class Endpoint(Strict):
 
 
 class Outlier(Strict):
+    """As a provider's override, only the fields it sets (``model_fields_set``) replace ``provider_defaults``."""
+
     consecutive_5xx: int = Field(5, ge=1)
     interval: Duration = 10_000
     ejection: Duration = 30_000
@@ -74,10 +81,14 @@ class Outlier(Strict):
 
 
 class CircuitBreakers(Strict):
+    """As a provider's override, only the fields it sets (``model_fields_set``) replace ``provider_defaults``."""
+
     max_connections: int = Field(1024, ge=1)
     max_pending: int = Field(256, ge=1)
     max_requests: int = Field(1024, ge=1)
-    max_retries: int = Field(64, ge=1)
+    max_retries: int = Field(1024, ge=1)
+    """Retries and hedges in flight to this provider at once (a model's route allows the sum over its
+    failover chain)."""
 
 
 class ProviderDefaults(Strict):
@@ -106,7 +117,7 @@ class Hedge(Strict):
 class Canary(Strict):
     model: Name
     weight: Percent = 10
-    header: dict[str, str] = Field(default_factory=lambda: {"X-Model-Version": "beta"}, max_length=1)
+    header: dict[HeaderName, str] = Field(default_factory=lambda: {"X-Model-Version": "beta"}, max_length=1)
 
 
 class Mirror(Strict):
@@ -120,7 +131,7 @@ class Price(Strict):
 
 
 class Affinity(Strict):
-    header: str = Field(pattern=r"^[A-Za-z0-9-]+$")
+    header: HeaderName
 
 
 class Retry(Strict):
@@ -160,7 +171,7 @@ class Limits(Strict):
 class NonCritical(Strict):
     """Not yet rendered (token economy issue)."""
 
-    header: str = "x-priority"
+    header: HeaderName = "x-priority"
     value: str = "low"
     queue_max_wait: Duration = 20_000
 
@@ -202,7 +213,8 @@ class Service(Strict):
 
     timeout: Duration = 250
     failure_mode: Literal["open", "closed"] = "closed"
-    max_request_bytes: int = Field(1_048_576, ge=1024)
+    max_request_bytes: int = Field(1_048_576, ge=1024, le=8 * 1024 * 1024)
+    """The data-plane service refuses bodies over 8 MiB itself."""
     store: Literal["sqlite", "redis"] = "sqlite"
     """Not yet rendered (token economy issue)."""
 

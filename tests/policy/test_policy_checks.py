@@ -8,8 +8,12 @@ import pytest
 
 from meshgen.policy.checks import (
     CHECKS,
+    check_chaos_regions,
     check_failover_cycles,
+    check_hedge_timeouts,
+    check_mixed_schemes,
     check_model_references,
+    check_reserved_headers,
     run_checks,
 )
 from meshgen.policy.lines import LineIndex
@@ -72,3 +76,38 @@ def test_checks_are_pure() -> None:
     before = p.model_dump()
     assert run_checks(p, NO_FILE) == run_checks(p, NO_FILE)
     assert p.model_dump() == before
+
+
+def test_hedge_timeout_falls_back_to_provider_then_defaults() -> None:
+    p = policy(
+        {
+            "a": {"provider": "openai", "hedge": {"after": "30s"}},
+            "b": {"provider": "openai", "timeout": "40s", "hedge": {"after": "30s"}},
+            "c": {"provider": "nowhere", "hedge": {"after": "1h"}},
+        },
+        provider_defaults={"timeout": "30s"},
+    )
+    assert [(x.yaml_path, x.code) for x in check_hedge_timeouts(p, NO_FILE)] == [("models.a.hedge.after", "MG110")]
+
+
+def test_reserved_header_prefixes_any_case() -> None:
+    p = policy({"a": {"provider": "openai", "affinity": {"header": "X-Envoy-Original-Path"}}})
+    (problem,) = check_reserved_headers(p, NO_FILE)
+    assert problem.code == "MG401"
+    p = policy({"a": {"provider": "openai", "affinity": {"header": "x-meshgenerator"}}})
+    assert check_reserved_headers(p, NO_FILE) == []
+
+
+def test_chaos_region_with_an_endpoint_passes() -> None:
+    fault = {"target": {"provider": "openai", "region": "us-east"}, "abort": 503}
+    p = policy({"a": {"provider": "openai"}}, chaos={"f": fault})
+    (problem,) = check_chaos_regions(p, NO_FILE)  # the endpoint has no region: the fault hits nothing
+    assert problem.code == "MG312"
+    p.providers["openai"].endpoints[0].region = "us-east"
+    assert check_chaos_regions(p, NO_FILE) == []
+
+
+def test_same_scheme_in_different_regions_is_fine() -> None:
+    endpoints = [{"url": "http://a:1", "region": "us-east"}, {"url": "https://b"}]
+    p = policy({"a": {"provider": "o"}}, providers={"o": {"schema": "openai", "endpoints": endpoints}})
+    assert check_mixed_schemes(p, NO_FILE) == []

@@ -282,3 +282,28 @@ def test_broken_entry_still_counts_as_defined() -> None:
     text = MINIMAL + "  gpt-4o-mini:\n    provider: openai\n    retry: {attempts: lots}\n"
     text = text.replace("    provider: openai\n", "    provider: openai\n    failover: [gpt-4o-mini]\n", 1)
     assert [p.code for p in problems_of(text)] == ["MG012"]
+
+
+def test_numeric_canary_header_is_a_header_problem() -> None:
+    text = MINIMAL + "    canary: {model: gpt-4o, header: {5: beta}}\n"
+    problems = problems_of(text)
+    assert ("models.gpt-4o.canary.header.5", "MG018") in [(p.yaml_path, p.code) for p in problems]
+
+
+def test_provider_overrides_keep_the_fields_they_set() -> None:
+    text = MINIMAL.replace(
+        '    endpoints: [{url: "https://api.openai.com"}]\n',
+        '    endpoints: [{url: "https://api.openai.com"}]\n'
+        "    outlier: {consecutive_5xx: 2}\n    circuit_breakers: {max_retries: 8}\n",
+    )
+    text = text.replace("providers:", "provider_defaults: {outlier: {ejection: 1m}}\nproviders:")
+    p = load_policy_text(text, "p.yaml")
+    defaults, override = p.provider_defaults, p.providers["openai"]
+    assert override.outlier is not None and override.circuit_breakers is not None
+    assert override.outlier.model_fields_set == {"consecutive_5xx"}
+    assert override.circuit_breakers.model_fields_set == {"max_retries"}
+    merged = defaults.outlier.model_copy(update=override.outlier.model_dump(exclude_unset=True))
+    assert (merged.consecutive_5xx, merged.ejection) == (2, 60_000)
+    breakers = defaults.circuit_breakers.model_copy(update=override.circuit_breakers.model_dump(exclude_unset=True))
+    assert (breakers.max_retries, breakers.max_requests) == (8, 1024)
+    assert load_policy_text(MINIMAL, "p.yaml").provider_defaults.circuit_breakers.max_retries == 1024
