@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from meshgen import __version__, output
-from meshgen.compile import build_files
+from meshgen import compile as compiler
 from meshgen.errors import MeshgenError, PolicyError
 from meshgen.policy import load_policy
 from meshgen.policy.model import Policy
@@ -38,7 +38,7 @@ def build(
 ) -> None:
     """Compile POLICY into Envoy bootstraps and the data-plane service's config under OUT."""
     try:
-        files = build_files(policy, version=__version__)
+        _, files = compiler.build(policy, version=__version__)
         if check:
             output.check(out, files)
             typer.echo(f"{out} is up to date ({len(files)} files).")

@@ -47,11 +47,11 @@ PARALLEL_FROM = 200
 """Models plus tenants from which dumping the files on every core pays for starting the workers (~10 ms each)."""
 
 
-def build_files(policy_path: Path, *, version: str) -> dict[str, str]:
-    """The text of every file `meshgen build` writes for this policy, keyed by relative path."""
+def build(policy_path: Path, *, version: str) -> tuple[Gateway, dict[str, str]]:
+    """The gateway and the text of every file `meshgen build` writes for this policy, keyed by relative path."""
     with _no_gc():
         source = policy_path.as_posix()
         gw = compile_gateway(policy_path, source=source)
         large = len(gw.models) + len(gw.tenants) >= PARALLEL_FROM
         processes = (os.cpu_count() or 1) if large else 1
-        return output.serialize(render_all(gw), source=source, version=version, processes=processes)
+        return gw, output.serialize(render_all(gw), source=source, version=version, processes=processes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from meshgen.ir import model as ir
@@ -44,12 +45,20 @@ def _endpoint(cluster: str, index: int, endpoint: pm.Endpoint) -> ir.Endpoint:
     )
 
 
+_Section = TypeVar("_Section", pm.Outlier, pm.CircuitBreakers)
+
+
+def _merged(default: _Section, override: _Section | None) -> _Section:
+    """A provider's override changes only the fields it names; the rest come from provider_defaults."""
+    return default if override is None else default.model_copy(update=override.model_dump(exclude_unset=True))
+
+
 def build_clusters(policy: pm.Policy) -> tuple[ir.ProviderCluster, ...]:
     defaults = policy.provider_defaults
     clusters = []
     for provider_name, provider in sorted(policy.providers.items()):
-        outlier = provider.outlier or defaults.outlier
-        breakers = provider.circuit_breakers or defaults.circuit_breakers
+        outlier = _merged(defaults.outlier, provider.outlier)
+        breakers = _merged(defaults.circuit_breakers, provider.circuit_breakers)
         by_region: dict[str, list[pm.Endpoint]] = {}
         for endpoint in provider.endpoints:
             by_region.setdefault(endpoint.region or GLOBAL_REGION, []).append(endpoint)
@@ -90,6 +99,9 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
         same_schema = [t for t in failover if policy.providers[policy.models[t].provider].schema_ == schema]
 
         canary = spec.canary
+        provider_ms = spec.timeout or policy.providers[spec.provider].timeout or policy.provider_defaults.timeout
+        # One attempt may take the provider's timeout, unless a hedge or per-try timeout cuts it shorter.
+        attempt_ms = spec.hedge.after if spec.hedge else spec.retry.per_try_timeout or provider_ms
         header_name, header_value = next(iter(canary.header.items())) if canary and canary.header else ("", "")
         models.append(
             ir.Model(
@@ -114,8 +126,9 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
                 price_output_per_mtok=spec.price.output_per_mtok if spec.price else None,
                 affinity_header=spec.affinity.header.lower() if spec.affinity else None,
                 retries=spec.retry.attempts,
-                per_try_timeout_ms=spec.hedge.after if spec.hedge else spec.retry.per_try_timeout,
-                timeout_ms=spec.timeout or policy.providers[spec.provider].timeout or policy.provider_defaults.timeout,
+                per_try_timeout_ms=attempt_ms,
+                # Hedged attempts run side by side, so the slowest needs the provider's time; retries run in turn.
+                timeout_ms=provider_ms if spec.hedge else attempt_ms * (spec.retry.attempts + 1),
                 max_tokens_default=spec.max_tokens_default,
             )
         )

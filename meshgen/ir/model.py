@@ -97,8 +97,10 @@ class Model(Frozen):
     price_output_per_mtok: float | None
     affinity_header: str | None
     retries: int
-    per_try_timeout_ms: int | None
+    per_try_timeout_ms: int
+    """One attempt: the hedge delay, else `retry.per_try_timeout`, else the model's or provider's timeout."""
     timeout_ms: int
+    """The whole request, every attempt included."""
     max_tokens_default: int
 
 

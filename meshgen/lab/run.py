@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from meshgen import __version__, output
-from meshgen.compile import compile_gateway, render_all
+from meshgen.compile import build
 from meshgen.errors import MeshgenError
 from meshgen.ir.model import Gateway
 from meshgen.lab.envoy import EnvoyError, EnvoyProcess
@@ -56,8 +56,7 @@ class BuildResult:
 
 def ensure_built(policy: Path, generated: Path) -> BuildResult:
     """What `meshgen build POLICY -o GENERATED` does, but only when ``generated`` differs from what it would write."""
-    gateway = compile_gateway(policy)
-    files = output.serialize(render_all(gateway), source=policy.as_posix(), version=__version__)
+    gateway, files = build(policy, version=__version__)
     changed = output.drift(generated, files)
     if changed:
         output.write(generated, files)

@@ -16,6 +16,7 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
         "schema_version": 1,
         "policy": gw.name,
         "failure_mode": gw.service.failure_mode,
+        "max_request_bytes": gw.service.max_request_bytes,
         "models": {
             m.name: {
                 "provider": m.provider,

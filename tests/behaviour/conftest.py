@@ -26,7 +26,7 @@ DEV_KEY = "sk-test-dev"
 
 
 @dataclass
-class Lab:
+class Running:
     gw: Gateway
     envoy: EnvoyProcess
     upstream: MockUpstream
@@ -55,7 +55,7 @@ def with_free_ports(gw: Gateway, service_port: int) -> Gateway:
 
 
 @contextmanager
-def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator[Lab]:
+def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator[Running]:
     """`gw` built as `meshgen build` would, on free ports, run by the real Envoy before the real service (or, with
     `service=False`, before a port where nothing answers) and mock providers."""
     require_binary("envoy")
@@ -69,11 +69,11 @@ def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator
         endpoints = {e.name: gw.ports.of(e.name) for c in gw.clusters for e in c.endpoints}
         upstream = stack.enter_context(MockUpstream(endpoints))
         envoy = stack.enter_context(EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")))
-        yield Lab(gw, envoy, upstream, gw.ports.of("listener.us-east"))
+        yield Running(gw, envoy, upstream, gw.ports.of("listener.us-east"))
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with running_gateway(compile_gateway(POLICY), tmp_path_factory.mktemp("generated")) as running:
         yield running
 
@@ -81,6 +81,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 @pytest.fixture(autouse=True)
 def _fresh_upstream(request: pytest.FixtureRequest) -> None:
     if "lab" in request.fixturenames:
-        lab: Lab = request.getfixturevalue("lab")
+        lab: Running = request.getfixturevalue("lab")
         lab.upstream.reset()
         lab.upstream.clear()

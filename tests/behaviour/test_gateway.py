@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import json
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.behaviour.conftest import DEV_KEY, Lab, chat
+from tests.behaviour.conftest import DEV_KEY, Running, chat
 
 OPENAI = "provider.openai.us-east.ep0"
 BETA = "provider.openai-beta.us-east.ep0"
@@ -26,18 +28,44 @@ RETRIER = "provider.retrier.us-east.ep0"
     [("failover-model", PRIMARY), ("eject-model", FLAKY), ("claude-model", CLAUDE)],
     ids=["openai-schema", "second-provider", "anthropic-schema"],
 )
-def test_body_model_routes_to_its_provider(lab: Lab, model: str, label: str) -> None:
+def test_body_model_routes_to_its_provider(lab: Running, model: str, label: str) -> None:
     reply = lab.post(chat(model))
     assert reply.status == 200, reply.body
     assert reply.headers["x-served-by"] == label
     (seen,) = lab.upstream.requests(label)
     assert seen.json()["model"] == model
-    # The client's key never reaches a provider, nor do the gateway's internal answers.
-    assert "authorization" not in seen.headers
+    # The client's key and address never reach a provider, nor do the gateway's internal answers.
+    assert not {"authorization", "x-forwarded-for", "x-envoy-external-address"} & set(seen.headers)
     assert not [h for h in seen.headers if h.startswith("x-meshgen-")]
+    assert seen.headers["host"] == "127.0.0.1", "a provider gets its own name as Host, not the gateway's"
 
 
-def test_canary_takes_ten_percent(lab: Lab) -> None:
+def test_access_log_names_tenant_and_model_without_the_prompt(lab: Running) -> None:
+    lab.post(chat("claude-model", user="access-log-test", messages=[{"role": "user", "content": "secret prompt"}]))
+    deadline = time.monotonic() + 5  # Envoy flushes its stdout log about once a second
+    while not (lines := [ln for ln in lab.envoy.log().splitlines() if '"model":"claude-model"' in ln]):
+        assert time.monotonic() < deadline, "no access log line for the request"
+        time.sleep(0.1)
+    assert json.loads(lines[-1])["tenant"] == "team"
+    assert "secret prompt" not in lab.envoy.log()
+    assert "sk-test-team" not in lab.envoy.log()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [("application/json; charset=utf-8", 200), ("Application/JSON", 200), ("application/x-www-form-urlencoded", 400)],
+    ids=["charset", "case", "form"],
+)
+def test_body_is_read_as_json_by_envoy_and_service_alike(lab: Running, content_type: str, status: int) -> None:
+    reply = lab.post(chat("claude-model"), headers={"content-type": content_type})
+    assert reply.status == status, reply.body
+    if status == 400:
+        assert reply.json()["error"]["code"] == "invalid_content_type"
+    else:
+        assert reply.headers["x-served-by"] == CLAUDE
+
+
+def test_canary_takes_ten_percent(lab: Running) -> None:
     def send(n: int) -> Counter[str]:
         served: Counter[str] = Counter()
         conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
@@ -57,24 +85,24 @@ def test_canary_takes_ten_percent(lab: Lab) -> None:
     assert 0.075 <= served[BETA] / 2000 <= 0.125, served
 
 
-def test_beta_header_always_reaches_beta(lab: Lab) -> None:
+def test_beta_header_always_reaches_beta(lab: Running) -> None:
     served = Counter(
         lab.post(chat("gpt-4o"), headers={"X-Model-Version": "beta"}).headers["x-served-by"] for _ in range(40)
     )
     assert served == {BETA: 40}
 
 
-def test_mirror_gets_a_copy_while_client_gets_the_primary(lab: Lab) -> None:
+def test_mirror_gets_a_copy_while_client_gets_the_primary(lab: Running) -> None:
     reply = lab.post(chat("gpt-4o", user="mirror-test"), headers={"x-mock": f"status=500@{SHADOW}"})
     assert reply.status == 200
     assert reply.headers["x-served-by"] in (OPENAI, BETA)
-    (copy,) = lab.upstream.wait_for(SHADOW, 1)
-    assert copy.json()["user"] == "mirror-test"
+    lab.upstream.wait_for(SHADOW, 1)
+    (copy,) = [r for r in lab.upstream.requests(SHADOW) if r.json().get("user") == "mirror-test"]
     assert copy.headers["x-meshgen-mirror"] == "1", "the shadow leg must be marked so it is never billed"
     assert "authorization" not in copy.headers
 
 
-def test_primary_503_fails_over_to_same_schema_backup(lab: Lab) -> None:
+def test_primary_503_fails_over_to_same_schema_backup(lab: Running) -> None:
     reply = lab.post(chat("failover-model"), headers={"x-mock": f"status=503@{PRIMARY}"})
     assert reply.status == 200, reply.body
     assert reply.headers["x-served-by"] == BACKUP
@@ -82,14 +110,14 @@ def test_primary_503_fails_over_to_same_schema_backup(lab: Lab) -> None:
     assert lab.upstream.requests(BACKUP)[0].headers["x-envoy-attempt-count"] == "2"
 
 
-def test_slow_primary_is_hedged_to_the_next_priority(lab: Lab) -> None:
+def test_slow_primary_is_hedged_to_the_next_priority(lab: Running) -> None:
     reply = lab.post(chat("hedge-model"), headers={"x-mock": f"delay_ms=1500@{SLOWPOKE}"})
     assert reply.status == 200
     assert reply.headers["x-served-by"] == BACKUP, "the hedge's answer wins while the primary is still thinking"
     assert lab.upstream.count(SLOWPOKE) == 1
 
 
-def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Lab) -> None:
+def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Running) -> None:
     assert lab.post(chat("failover-model")).headers["x-served-by"] == PRIMARY
     lab.envoy.runtime_modify({"meshgen.chaos.primary-down.abort_percent": 100})
     try:
@@ -103,7 +131,7 @@ def test_chaos_fault_switched_on_at_runtime_drives_failover(lab: Lab) -> None:
     assert lab.post(chat("failover-model")).headers["x-served-by"] == PRIMARY
 
 
-def test_consecutive_5xx_eject_the_endpoint(lab: Lab) -> None:
+def test_consecutive_5xx_eject_the_endpoint(lab: Running) -> None:
     ejections = "cluster.provider_flaky_us-east.outlier_detection.ejections_enforced_consecutive_5xx"
     assert lab.envoy.stat(ejections) == 0
     for _ in range(3):
@@ -115,7 +143,7 @@ def test_consecutive_5xx_eject_the_endpoint(lab: Lab) -> None:
     assert lab.upstream.count(FLAKY) == 3
 
 
-def test_client_supplied_internal_headers_change_nothing(lab: Lab) -> None:
+def test_client_supplied_internal_headers_change_nothing(lab: Running) -> None:
     forged = {"x-meshgen-tenant": "team", "x-meshgen-route": "eject-model", "x-meshgen-model": "eject-model"}
     # dev may only use dev-model: claiming to be team, or re-routing itself, gets it nowhere.
     denied = lab.post(chat("failover-model"), key=DEV_KEY, headers=forged)
@@ -124,12 +152,15 @@ def test_client_supplied_internal_headers_change_nothing(lab: Lab) -> None:
     served = lab.post(chat("dev-model"), key=DEV_KEY, headers=forged)
     assert served.status == 200
     assert served.headers["x-served-by"] == BACKUP
-    assert lab.upstream.count(FLAKY) == 0
     (seen,) = lab.upstream.requests(BACKUP)
     assert not [h for h in seen.headers if h.startswith("x-meshgen-")]
+    # eject-model is a downgrade target, so its header route exists: only the service may take it.
+    rerouted = lab.post(chat("failover-model"), headers=forged)
+    assert rerouted.headers["x-served-by"] == PRIMARY
+    assert lab.upstream.count(FLAKY) == 0
 
 
-def test_client_cannot_set_envoy_timeouts_or_retries(lab: Lab) -> None:
+def test_client_cannot_set_envoy_timeouts_or_retries(lab: Running) -> None:
     forged = {
         "x-envoy-upstream-rq-timeout-ms": "1",
         "x-envoy-max-retries": "5",
@@ -148,7 +179,7 @@ def test_client_cannot_set_envoy_timeouts_or_retries(lab: Lab) -> None:
     assert not leaked
 
 
-def test_tenant_rpm_is_enforced_by_envoy_with_an_openai_error(lab: Lab) -> None:
+def test_tenant_rpm_is_enforced_by_envoy_with_an_openai_error(lab: Running) -> None:
     statuses = [lab.post(chat("dev-model"), key="sk-test-limited").status for _ in range(3)]
     assert statuses == [200, 200, 200]
     limited = lab.post(chat("dev-model"), key="sk-test-limited")
@@ -158,7 +189,7 @@ def test_tenant_rpm_is_enforced_by_envoy_with_an_openai_error(lab: Lab) -> None:
     assert lab.post(chat("dev-model"), key=DEV_KEY).status == 200, "another tenant's bucket is its own"
 
 
-def test_admin_serves_prometheus_stats_on_loopback(lab: Lab) -> None:
+def test_admin_serves_prometheus_stats_on_loopback(lab: Running) -> None:
     assert lab.gw.ports.of("admin.us-east")
     text = lab.envoy.admin("/stats/prometheus")
     # Stat names use _ for the dots of our names, so each stays one whole Prometheus label.
@@ -179,7 +210,7 @@ def test_admin_serves_prometheus_stats_on_loopback(lab: Lab) -> None:
     ids=["no-key", "bad-key", "malformed-json", "no-model", "unknown-model", "model-not-allowed"],
 )
 def test_refusals_are_openai_errors(
-    lab: Lab, body: object, key: str | None, status: int, error_type: str, code: str
+    lab: Running, body: object, key: str | None, status: int, error_type: str, code: str
 ) -> None:
     reply = lab.post(body, key=key)  # type: ignore[arg-type]
     assert reply.status == status, reply.body

@@ -13,10 +13,13 @@ from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
-def _http1() -> dict[str, Any]:
+def _http1(*, tls: bool = False) -> dict[str, Any]:
+    # With TLS, SNI and the certificate check follow each endpoint's own name (auto_host_rewrite sets it as Host).
+    sni = {"upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True}} if tls else {}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS,
+            **sni,
             "explicit_http_config": {"http_protocol_options": {}},
         }
     }
@@ -46,21 +49,13 @@ def _discovery(addresses: list[Address]) -> dict[str, Any]:
     return {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED"}
 
 
-def _tls(sni: str) -> dict[str, Any]:
+def _tls() -> dict[str, Any]:
     return {
         "transport_socket": {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": f"{API}.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": sni,
-                "common_tls_context": {
-                    "validation_context": {
-                        "trusted_ca": {"filename": CA_BUNDLE},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": sni}},
-                        ],
-                    }
-                },
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": CA_BUNDLE}}},
             },
         }
     }
@@ -93,10 +88,17 @@ def _resilience(c: ir.ProviderCluster) -> dict[str, Any]:
     }
 
 
-def hashed_clusters(gw: ir.Gateway) -> frozenset[str]:
-    """Affinity (same session → same endpoint) needs ring hash on every cluster such a model can land on."""
-    hashed = {m.name for m in gw.models if m.affinity_header}
-    return frozenset(c for r in gw.regions for model, chain in r.chains if model in hashed for c in chain)
+def affinity_headers(gw: ir.Gateway) -> dict[str, tuple[str, ...]]:
+    """Cluster → the headers its models hash on. Affinity (same session → same endpoint) needs ring hash on every
+    cluster such a model can land on, and the hash carried through a chaos hop."""
+    header = {m.name: m.affinity_header for m in gw.models if m.affinity_header}
+    found: dict[str, set[str]] = {}
+    for region in gw.regions:
+        for model, chain in region.chains:
+            if model in header:
+                for cluster in chain:
+                    found.setdefault(cluster, set()).add(header[model])
+    return {cluster: tuple(sorted(headers)) for cluster, headers in found.items()}
 
 
 def direct_name(c: ir.ProviderCluster) -> str:
@@ -106,13 +108,13 @@ def direct_name(c: ir.ProviderCluster) -> str:
 def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: bool) -> list[dict[str, Any]]:
     """The router-facing `provider.<p>.<region>`; with faults it goes through a chaos hop to `.direct`."""
     endpoints = [(place.endpoint(e), e.weight, {"provider": c.provider, "endpoint": e.name}) for e in c.endpoints]
-    tls = [e for e in c.endpoints if place.tls(e)]
+    tls = any(place.tls(e) for e in c.endpoints)  # one scheme per cluster: the policy checks refuse a mix
     real = {
         "connect_timeout": duration(c.connect_timeout_ms),
         **_discovery([a for a, _, _ in endpoints]),
         "lb_policy": "RING_HASH" if ring_hash else "LEAST_REQUEST",
-        "typed_extension_protocol_options": _http1(),
-        **(_tls(tls[0].host) if tls else {}),
+        "typed_extension_protocol_options": _http1(tls=tls),
+        **(_tls() if tls else {}),
     }
     if not c.faults:
         return [
@@ -150,9 +152,9 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1)."""
     clusters = []
     for model, chain in region.chains:
-        # Hedges and retries count against the aggregate's retry breaker (default 3): allow one per request
-        # that the chain's providers could hold at once, so none is silently dropped.
-        max_retries = sum(gw.cluster(c).breakers.max_requests for c in chain)
+        # Hedges and retries are counted on the route's target, this aggregate (default 3): give it what its
+        # providers allow between them, so none is silently dropped.
+        max_retries = sum(gw.cluster(c).breakers.max_retries for c in chain)
         clusters.append(
             {
                 "name": chain_cluster(model),
@@ -196,6 +198,6 @@ def service_cluster(place: Placement) -> dict[str, Any]:
 
 
 def all_clusters(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
-    hashed = hashed_clusters(gw)
+    hashed = affinity_headers(gw)
     providers = [cl for c in gw.clusters for cl in provider_clusters(place, c, ring_hash=c.name in hashed)]
     return [service_cluster(place), *providers, *chain_clusters(gw, region)]

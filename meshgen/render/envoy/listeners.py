@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshgen.ir import model as ir
-from meshgen.render.envoy.clusters import direct_name
+from meshgen.render.envoy.clusters import affinity_headers, direct_name
 from meshgen.render.envoy.filters.ext_authz import ext_authz_filter
 from meshgen.render.envoy.filters.fault import fault_filter
 from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
@@ -53,7 +53,7 @@ _ACCESS_LOG_FIELDS = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "route": "%ROUTE_NAME%",
     "status": "%RESPONSE_CODE%",
-    "tenant": f"%REQ({TENANT_HEADER.upper()})%",
+    "tenant": f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{TENANT_HEADER})%",
     "upstream": "%UPSTREAM_HOST%",
 }
 
@@ -128,7 +128,8 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         ext_authz_filter(gw),
         *([limiter] if limiter else []),
         rbac_filter(gw),
-        filter_("envoy.filters.http.router", ROUTER, {}),
+        # No x-envoy-* debugging headers from us to providers or back to clients.
+        filter_("envoy.filters.http.router", ROUTER, {"suppress_envoy_headers": True}),
     ]
     hcm = {
         "stat_prefix": stat_name(f"gateway.{region.name}"),
@@ -160,7 +161,7 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
     }
 
 
-def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any]:
+def chaos_hop_listener(place: Placement, c: ir.ProviderCluster, hash_on: tuple[str, ...]) -> dict[str, Any]:
     """Faults here look like a failing provider to the gateway's router, so retries, failover and hedging react
     (a route-level fault is a local reply that is never retried; ENVOY-FACTS §7)."""
     hcm = {
@@ -171,7 +172,7 @@ def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any
                 {
                     "name": "provider",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": direct_name(c), "timeout": "0s"}}],
+                    "routes": [{"match": {"prefix": "/"}, "route": _hop_route(c, hash_on)}],
                 }
             ],
         },
@@ -187,8 +188,15 @@ def chaos_hop_listener(place: Placement, c: ir.ProviderCluster) -> dict[str, Any
     }
 
 
+def _hop_route(c: ir.ProviderCluster, hash_on: tuple[str, ...]) -> dict[str, Any]:
+    # The gateway's timeouts govern; the hop only passes on, keeping the provider's Host and any session hash.
+    route: dict[str, Any] = {"cluster": direct_name(c), "timeout": "0s", "auto_host_rewrite": True}
+    if hash_on:
+        route["hash_policy"] = [{"header": {"header_name": h}} for h in hash_on]
+    return route
+
+
 def all_listeners(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
-    return [
-        gateway_listener(gw, place, region),
-        *(chaos_hop_listener(place, c) for c in gw.clusters if c.faults),
-    ]
+    hashed = affinity_headers(gw)
+    hops = [chaos_hop_listener(place, c, hashed.get(c.name, ())) for c in gw.clusters if c.faults]
+    return [gateway_listener(gw, place, region), *hops]

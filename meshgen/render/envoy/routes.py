@@ -46,14 +46,13 @@ def retry_policy(model: ir.Model, chain_length: int) -> dict[str, Any]:
             }
         ],
         "host_selection_retry_max_attempts": 3,
+        "per_try_timeout": duration(model.per_try_timeout_ms),
         # A provider's 429 says when to come back; Envoy waits that long (capped) instead of its own back-off.
         "rate_limited_retry_back_off": {
             "reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
             "max_interval": "10s",
         },
     }
-    if model.per_try_timeout_ms is not None:
-        policy["per_try_timeout"] = duration(model.per_try_timeout_ms)
     if chain_length > 1:
         # Each retry or hedge goes to the next priority: the next region, then the next failover model.
         policy["retry_priority"] = {
@@ -68,7 +67,8 @@ def retry_policy(model: ir.Model, chain_length: int) -> dict[str, Any]:
 
 
 def route_action(model: ir.Model, chains: dict[str, tuple[str, ...]], *, canary: bool) -> dict[str, Any]:
-    action: dict[str, Any] = {"timeout": duration(model.timeout_ms)}
+    # Providers (and their TLS certificates) expect their own name as Host, not the gateway's.
+    action: dict[str, Any] = {"timeout": duration(model.timeout_ms), "auto_host_rewrite": True}
     if canary and model.canary and 0 < model.canary.weight < 100:
         beta = round(model.canary.weight * 100)
         action["weighted_clusters"] = {
@@ -132,7 +132,7 @@ def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
                 _route(
                     f"model.{m.name}.beta",
                     {"headers": [header], "dynamic_metadata": [_body_model_is(m.name)]},
-                    route_action(beta, chains, canary=False) | {"timeout": duration(m.timeout_ms)},
+                    route_action(beta, chains, canary=False),
                 )
             )
         routes.append(
@@ -181,7 +181,14 @@ def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
                 "domains": ["*"],
                 "include_request_attempt_count": True,
                 # The client's key and our internal answers stop at the gateway; providers get their own auth.
-                "request_headers_to_remove": [*CLIENT_KEY_HEADERS, TENANT_HEADER, ROUTE_HEADER],
+                # The client's address stays with us too.
+                "request_headers_to_remove": [
+                    *CLIENT_KEY_HEADERS,
+                    TENANT_HEADER,
+                    ROUTE_HEADER,
+                    "x-forwarded-for",
+                    "x-envoy-external-address",
+                ],
                 **shared,
                 "routes": routes,
             }

@@ -35,6 +35,8 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                 "path_prefix": PATH_PREFIX,
                 "authorization_response": {
                     "allowed_upstream_headers": {"patterns": _exact(TENANT_HEADER, ROUTE_HEADER)},
+                    # The tenant outlives the header (removed before a provider sees it) for the access log.
+                    "dynamic_metadata_from_headers": {"patterns": _exact(TENANT_HEADER)},
                     "allowed_client_headers": {
                         "patterns": [*_exact("content-type", "retry-after"), {"prefix": "x-ratelimit-"}]
                     },

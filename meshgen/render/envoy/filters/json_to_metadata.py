@@ -17,5 +17,13 @@ def json_to_metadata_filter() -> dict[str, Any]:
     return filter_(
         "envoy.filters.http.json_to_metadata",
         f"{API}.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-        {"request_rules": {"rules": rules}},
+        # Read exactly the bodies the data-plane service reads as JSON: no content-type, or application/json in any
+        # case and with parameters (charset=utf-8).
+        {
+            "request_rules": {
+                "rules": rules,
+                "allow_empty_content_type": True,
+                "allow_content_types_regex": {"regex": r"(?i)application/json\s*(;.*)?"},
+            }
+        },
     )
