@@ -51,8 +51,9 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[mi
 
     def resolve(self, kind: type, value: Any, implicit: tuple[bool, bool]) -> str:
         # Without path resolvers (SafeDumper has none) a scalar's tag depends only on its text.
-        if kind is yaml.ScalarNode and value in _YAML11_ONE_LETTER_BOOLS:
-            return "tag:yaml.org,2002:bool"  # so it is quoted: Envoy's YAML 1.1 reads a bare y or n as a bool
+        if kind is yaml.ScalarNode and value in _YAML11_ONE_LETTER_BOOLS and implicit[0]:
+            # Plain, Envoy's YAML 1.1 would read a bare y or n as a bool; saying so makes the emitter quote it.
+            return "tag:yaml.org,2002:bool"
         if kind is not yaml.ScalarNode:
             return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
         key = (value, implicit)

@@ -25,3 +25,9 @@ def test_lean_dumper_matches_pyyaml_safe_dump() -> None:
     expected = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=120)
     assert text.split("\n", 1)[1] == expected
     assert yaml.safe_load(text) == data
+
+
+def test_one_letter_yaml11_booleans_are_quoted() -> None:
+    # Envoy's YAML 1.1 parser reads a bare y or n as a boolean: a model or tenant named "n" must stay a string.
+    text = output.dump(Document("x.yaml", {"exact": "n", "other": "y", "fine": "no-n"}), source="p", version="v")
+    assert "exact: 'n'" in text and "other: 'y'" in text and "fine: no-n" in text
