@@ -126,59 +126,51 @@ def _model_refs(policy: Policy) -> Iterable[tuple[tuple[str | int, ...], str]]:
             yield ("models", name, "downgrade"), spec.downgrade
 
 
+Ref = tuple[tuple[str | int, ...], str]
+"""A name the policy uses, and the YAML path where it uses it."""
+
+
+def _unknown(policy: Policy, lines: LineIndex, section: str, refs: list[Ref], *, kind: str, code: str) -> list[Problem]:
+    """A problem for every reference to a name that `section` does not define (with a did-you-mean)."""
+    if _unusable(lines, section):
+        return []
+    known = _defined(getattr(policy, section), lines, section)
+    return [
+        lines.problem(path, f"unknown {kind} '{name}'", code=code, hint=_unknown_hint(name, known, kind))
+        for path, name in refs
+        if name not in known
+    ]
+
+
 def check_model_references(policy: Policy, lines: LineIndex) -> list[Problem]:
     """Failover targets, canary/mirror models, downgrades and tenant models must be defined models (MG101)."""
-    if _unusable(lines, "models"):
-        return []
-    known = _defined(policy.models, lines, "models")
     refs = list(_model_refs(policy))
     for tenant_name, tenant in policy.tenants.items():
         refs += [(("tenants", tenant_name, "models", i), m) for i, m in enumerate(tenant.models)]
-    return [
-        lines.problem(path, f"unknown model '{target}'", code="MG101", hint=_unknown_hint(target, known, "model"))
-        for path, target in refs
-        if target not in known
-    ]
+    return _unknown(policy, lines, "models", refs, kind="model", code="MG101")
 
 
 def check_provider_references(policy: Policy, lines: LineIndex) -> list[Problem]:
     """``models.*.provider`` and ``chaos.*.target.provider`` must be defined providers (MG102)."""
-    if _unusable(lines, "providers"):
-        return []
-    known = _defined(policy.providers, lines, "providers")
-    refs: list[tuple[tuple[str | int, ...], str]] = [
-        (("models", name, "provider"), spec.provider) for name, spec in policy.models.items()
-    ]
+    refs: list[Ref] = [(("models", name, "provider"), spec.provider) for name, spec in policy.models.items()]
     refs += [(("chaos", name, "target", "provider"), f.target.provider) for name, f in policy.chaos.items()]
-    return [
-        lines.problem(path, f"unknown provider '{p}'", code="MG102", hint=_unknown_hint(p, known, "provider"))
-        for path, p in refs
-        if p not in known
-    ]
+    return _unknown(policy, lines, "providers", refs, kind="provider", code="MG102")
 
 
 def check_region_references(policy: Policy, lines: LineIndex) -> list[Problem]:
     """Endpoint regions and chaos target regions must be defined regions (MG103)."""
-    if _unusable(lines, "regions"):
-        return []
-    known = _defined(policy.regions, lines, "regions")
-    refs: list[tuple[tuple[str | int, ...], str]] = []
-    for name, provider in policy.providers.items():
-        refs += [
-            (("providers", name, "endpoints", i, "region"), ep.region)
-            for i, ep in enumerate(provider.endpoints)
-            if ep.region is not None
-        ]
+    refs: list[Ref] = [
+        (("providers", name, "endpoints", i, "region"), ep.region)
+        for name, provider in policy.providers.items()
+        for i, ep in enumerate(provider.endpoints)
+        if ep.region is not None
+    ]
     refs += [
         (("chaos", name, "target", "region"), f.target.region)
         for name, f in policy.chaos.items()
         if f.target.region is not None
     ]
-    return [
-        lines.problem(path, f"unknown region '{r}'", code="MG103", hint=_unknown_hint(r, known, "region"))
-        for path, r in refs
-        if r not in known
-    ]
+    return _unknown(policy, lines, "regions", refs, kind="region", code="MG103")
 
 
 def check_self_references(policy: Policy, lines: LineIndex) -> list[Problem]:
