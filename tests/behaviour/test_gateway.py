@@ -110,6 +110,17 @@ def test_primary_503_fails_over_to_same_schema_backup(lab: Running) -> None:
     assert lab.upstream.requests(BACKUP)[0].headers["x-envoy-attempt-count"] == "2"
 
 
+def test_affinity_keeps_a_session_on_one_endpoint(lab: Running) -> None:
+    served = {
+        session: {
+            lab.post(chat("sticky-model"), headers={"x-session-id": session}).headers["x-served-by"] for _ in range(5)
+        }
+        for session in (f"session-{i}" for i in range(12))
+    }
+    assert all(len(endpoints) == 1 for endpoints in served.values()), served
+    assert set().union(*served.values()) == {"provider.pool.us-east.ep0", "provider.pool.us-east.ep1"}
+
+
 def test_slow_primary_is_hedged_to_the_next_priority(lab: Running) -> None:
     reply = lab.post(chat("hedge-model"), headers={"x-mock": f"delay_ms=1500@{SLOWPOKE}"})
     assert reply.status == 200
