@@ -8,23 +8,8 @@ a request reached through the real Envoy, with which headers and body::
         ...send through Envoy with header  x-mock: status=503@provider.openai.*;delay_ms=50
         assert up.count("provider.ollama.us-east.ep0") == 1
 
-The ``x-mock`` request header (see ``parse_mock_header``) is a ``;``-separated list of ``key=value`` items,
-each optionally scoped with ``@<label or glob>``:
-
-    status=<100..599>     answer this status (an error status answers an OpenAI/Anthropic-style error JSON)
-    delay_ms=<int>        wait this long before answering (the request is recorded on arrival)
-    body=<text>           answer exactly this body (content-type JSON if it parses as JSON, else text/plain)
-    header.<name>=<text>  add this response header (e.g. ``header.retry-after=1``)
-    drop=1                close the connection without answering (an upstream reset for Envoy)
-
-Values are percent-decoded, so ``%3B`` ``%40`` ``%3D`` ``%25`` write ``;`` ``@`` ``=`` ``%``.
-Precedence, last wins per key: ``up.set()`` overrides (in call order), then unscoped items, then scoped items.
-An unknown key or bad value answers 400 with ``x-mock-error`` so a typo fails the test loudly.
-
-Defaults: 200, ``content-type: application/json``, an OpenAI ``chat.completion`` whose ``model`` echoes
-the request's (``usage`` 7 + 3 = 10 tokens); on a ``/messages`` path an Anthropic ``message``
-(``input_tokens`` 7, ``output_tokens`` 3); ``"stream": true`` in a chat-completions body answers SSE
-chunks (a usage chunk only when ``stream_options.include_usage`` is true).
+The ``x-mock`` request header steers each answer (grammar and precedence: ``mock_header.py``); what is
+answered by default, on an error status and for streaming requests: ``answers.py``.
 Every answer carries ``x-served-by: <label>`` and a Content-Length.
 ``GET /healthz`` answers 200 and is not recorded (Envoy health checks do not disturb counts).
 
@@ -40,26 +25,17 @@ import fnmatch
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from http import HTTPStatus
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
+from meshgen.lab.answers import answer, error_json, reason_phrase
 from meshgen.lab.lifecycle import Managed
+from meshgen.lab.mock_header import MOCK_HEADER, Behaviour, MockHeaderError, apply_item, parse_mock_header
 
 __all__ = ["Behaviour", "MockHeaderError", "MockProviders", "MockUpstream", "RecordedRequest", "parse_mock_header"]
 
-MOCK_HEADER = "x-mock"
-USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 _MAX_HEAD = 256 * 1024
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-}
 
 
 @dataclass(frozen=True)
@@ -81,17 +57,6 @@ class RecordedRequest:
     def json(self) -> Any:
         """The body parsed as JSON (raises ``ValueError`` when it is not JSON)."""
         return json.loads(self.body)
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """How the mock answers one request; built from ``up.set()`` overrides and the ``x-mock`` header."""
-
-    status: int = 200
-    delay_ms: int = 0
-    body: bytes | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    drop: bool = False
 
 
 class _TrackedProtocol(asyncio.StreamReaderProtocol):
@@ -116,77 +81,6 @@ class _TrackedProtocol(asyncio.StreamReaderProtocol):
         if self._transport is not None:
             self._transports.discard(self._transport)
         super().connection_lost(exc)
-
-
-class MockHeaderError(ValueError):
-    """The ``x-mock`` header does not follow the grammar."""
-
-
-@dataclass(frozen=True)
-class _Item:
-    key: str
-    value: str
-    scope: str | None
-
-
-def _parse_items(value: str) -> list[_Item]:
-    items: list[_Item] = []
-    for raw in value.split(";"):
-        raw = raw.strip()
-        if not raw:
-            continue
-        scope: str | None = None
-        if "@" in raw:
-            raw, scope = raw.rsplit("@", 1)
-            scope = unquote(scope.strip())
-            if not scope:
-                raise MockHeaderError(f"x-mock: empty scope after '@' in {raw!r}")
-        if "=" not in raw:
-            raise MockHeaderError(f"x-mock: item {raw!r} is not key=value")
-        key, val = raw.split("=", 1)
-        items.append(_Item(key.strip().lower(), unquote(val.strip()), scope))
-    return items
-
-
-def _apply(b: Behaviour, key: str, value: str) -> Behaviour:
-    try:
-        if key == "status":
-            status = int(value)
-            if not 100 <= status <= 599:
-                raise MockHeaderError(f"x-mock: status {status} is not within 100..599")
-            return replace(b, status=status)
-        if key == "delay_ms":
-            delay = int(value)
-            if delay < 0:
-                raise MockHeaderError(f"x-mock: delay_ms must be >= 0, got {delay}")
-            return replace(b, delay_ms=delay)
-    except ValueError as e:
-        if isinstance(e, MockHeaderError):
-            raise
-        raise MockHeaderError(f"x-mock: {key}={value!r} is not an integer") from None
-    if key == "body":
-        return replace(b, body=value.encode())
-    if key.startswith("header.") and len(key) > len("header."):
-        return replace(b, headers=(*b.headers, (key[len("header.") :], value)))
-    if key == "drop":
-        return replace(b, drop=value.lower() in {"1", "true", "yes"})
-    raise MockHeaderError(f"x-mock: unknown key {key!r} (status, delay_ms, body, header.<name>, drop)")
-
-
-def parse_mock_header(value: str, label: str, base: Behaviour | None = None) -> Behaviour:
-    """The behaviour that the ``x-mock`` header ``value`` asks of the upstream ``label``.
-
-    Items scoped with ``@pattern`` apply only where ``fnmatch(label, pattern)``; they win over unscoped items.
-    """
-    items = _parse_items(value)
-    b = base or Behaviour()
-    for it in items:
-        if it.scope is None:
-            b = _apply(b, it.key, it.value)
-    for it in items:
-        if it.scope is not None and fnmatch.fnmatchcase(label, it.scope):
-            b = _apply(b, it.key, it.value)
-    return b
 
 
 @dataclass
@@ -316,7 +210,7 @@ class MockProviders(Managed):
             kv[f"header.{k.lower()}"] = v
         b = Behaviour()
         for k, v in kv.items():  # validate now, not at request time
-            b = _apply(b, k, v)
+            b = apply_item(b, k, v)
         with self._cond:
             self._overrides.append(_Overrides(label, kv))
 
@@ -332,7 +226,7 @@ class MockProviders(Managed):
         for o in overrides:
             if fnmatch.fnmatchcase(label, o.pattern):
                 for k, v in o.kv.items():
-                    b = _apply(b, k, v)
+                    b = apply_item(b, k, v)
         return b
 
     # ---- server ----------------------------------------------------------------------------------------
@@ -467,7 +361,7 @@ class MockProviders(Managed):
             try:
                 b = parse_mock_header(mock_value, label, self._base_behaviour(label))
             except MockHeaderError as e:
-                payload = _error_json(400, str(e), anthropic=False)
+                payload = error_json(400, str(e), anthropic=False)
                 await self._write(
                     writer,
                     400,
@@ -484,7 +378,7 @@ class MockProviders(Managed):
             if b.drop:
                 writer.transport.abort()
                 return
-            status, out_headers, payload = _answer(label, seq, target, body, b)
+            status, out_headers, payload = answer(label, seq, target, body, b)
             await self._write(writer, status, [*out_headers, *b.headers], payload, keep_alive, label)
             if not keep_alive:
                 return
@@ -515,7 +409,7 @@ class MockProviders(Managed):
         label: str | None = None,
     ) -> None:
         names = {n.lower() for n, _ in headers}
-        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
+        lines = [f"HTTP/1.1 {status} {reason_phrase(status)}"]
         lines += [f"{n}: {v}" for n, v in headers if n.lower() not in {"content-length", "connection"}]
         if label is not None and "x-served-by" not in names:
             lines.append(f"x-served-by: {label}")
@@ -527,83 +421,3 @@ class MockProviders(Managed):
 
 MockUpstream = MockProviders
 """The name the test kit has always used."""
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def _error_json(status: int, message: str, *, anthropic: bool) -> bytes:
-    if anthropic:
-        etype = _ERROR_TYPES.get(status, "overloaded_error" if status == 529 else "api_error")
-        return json.dumps({"type": "error", "error": {"type": etype, "message": message}}).encode()
-    etype = _ERROR_TYPES.get(status, "server_error")
-    return json.dumps({"error": {"message": message, "type": etype, "code": status}}).encode()
-
-
-def _answer(label: str, seq: int, target: str, body: bytes, b: Behaviour) -> tuple[int, list[tuple[str, str]], bytes]:
-    path = target.split("?", 1)[0]
-    anthropic = path.rstrip("/").endswith("/messages")
-    if b.body is not None:
-        try:
-            json.loads(b.body)
-            ctype = "application/json"
-        except ValueError:
-            ctype = "text/plain"
-        return b.status, [("content-type", ctype)], b.body
-    if b.status >= 400:
-        msg = f"mock upstream {label} answered {b.status}"
-        return (
-            b.status,
-            [("content-type", "application/json")],
-            _error_json(b.status, msg, anthropic=anthropic),
-        )
-    req: Any = None
-    with contextlib.suppress(ValueError):
-        req = json.loads(body) if body else None
-    req = req if isinstance(req, dict) else {}
-    model = req.get("model") if isinstance(req.get("model"), str) else "mock-model"
-    text = f"mock reply from {label}"
-    if anthropic:
-        msg_obj = {
-            "id": f"msg_mock_{seq}",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": {"input_tokens": 7, "output_tokens": 3},
-        }
-        return b.status, [("content-type", "application/json")], json.dumps(msg_obj).encode()
-    if req.get("stream") is True:
-        return b.status, [("content-type", "text/event-stream")], _sse(seq, model, text, req)
-    completion = {
-        "id": f"chatcmpl-mock-{seq}",
-        "object": "chat.completion",
-        "created": 0,
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": dict(USAGE),
-    }
-    return b.status, [("content-type", "application/json")], json.dumps(completion).encode()
-
-
-def _sse(seq: int, model: str, text: str, req: Mapping[str, Any]) -> bytes:
-    opts = req.get("stream_options")
-    include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-    base = {"id": f"chatcmpl-mock-{seq}", "object": "chat.completion.chunk", "created": 0, "model": model}
-
-    def chunks() -> Iterator[dict[str, Any]]:
-        yield base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-        for word in text.split(" "):
-            yield base | {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
-        yield base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        if include_usage:
-            yield base | {"choices": [], "usage": dict(USAGE)}
-
-    events = [f"data: {json.dumps(c)}\n\n" for c in chunks()] + ["data: [DONE]\n\n"]
-    return "".join(events).encode()
