@@ -9,11 +9,11 @@ import hashlib
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from meshgen.lab.service import READY_PREFIX, ServiceProcess
+from tests.support.client import Reply
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0  # seconds; every wait in these tests is bounded by this
@@ -25,7 +25,7 @@ __all__ = [
     "READY_PREFIX",
     "ROOT",
     "TIMEOUT",
-    "RawResponse",
+    "Reply",
     "ServiceProcess",
     "authz_request",
     "config_dict",
@@ -98,17 +98,7 @@ def run_service(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@dataclass(frozen=True)
-class RawResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def read_response(stream: BinaryIO) -> RawResponse:
+def read_response(stream: BinaryIO) -> Reply:
     """One HTTP/1.1 response with a content-length body, read from a buffered socket file."""
     status_line = stream.readline()
     if not status_line:
@@ -123,7 +113,7 @@ def read_response(stream: BinaryIO) -> RawResponse:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     body = stream.read(int(headers["content-length"]))
-    return RawResponse(int(status), headers, body)
+    return Reply(int(status), headers, body)
 
 
 def authz_request(body: bytes | None = None, *, key: str | None = None, bearer: bool = True, extra: str = "") -> bytes:
