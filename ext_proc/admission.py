@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ext_proc.config import ServiceConfig
 from ext_proc.errors import (
@@ -34,6 +34,8 @@ DIGEST_PREFIX_HEX: Final = 8
 class Admitted:
     tenant: str
     model: str
+    request: dict[str, Any]
+    """The parsed body: the ledger estimates the request's tokens from it."""
 
 
 def api_key_from_headers(authorization: bytes | None, x_api_key: bytes | None) -> bytes | None:
@@ -113,4 +115,4 @@ class Admission:
             raise ModelNotFound(model, tenant=tenant)
         if model not in self._allowed[tenant]:
             raise ModelNotAllowed(model, tenant=tenant)
-        return Admitted(tenant, model)
+        return Admitted(tenant, model, request)

@@ -91,6 +91,11 @@ class ServiceConfig(_Frozen):
     tenants: dict[TenantName, TenantConfig]
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     """Largest request body admitted (413 above it): Envoy's ext_authz ``with_request_body.max_request_bytes``."""
+    store: Literal["sqlite", "redis"] = "sqlite"
+    """Where the ledger lives: a SQLite file for one service process, Redis for several replicas."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    settle_after_ms: int = Field(120_000, ge=1000)
+    """A reservation whose usage has not arrived this long after admission is settled at its estimate."""
 
     @model_validator(mode="after")
     def _check_references(self) -> ServiceConfig:

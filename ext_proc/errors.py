@@ -14,6 +14,8 @@ Exception tree::
     ├── MethodNotAllowed          405 invalid_request_error method_not_allowed
     ├── RequestTooLarge           413 invalid_request_error request_too_large
     ├── MalformedRequest          400 invalid_request_error malformed_request (bad HTTP; then close)
+    ├── LimitExceeded             429 rate_limit_error      rate_limit_exceeded (rpm, tpm, tpd; + Retry-After)
+    │   └── BudgetExceeded        429 rate_limit_error      insufficient_quota  (usd_per_day)
     └── ServiceUnavailable        503 server_error          service_unavailable (unexpected exception)
 
 Any exception that is not an ``ApiError`` is answered as ``ServiceUnavailable``, logged without the request.
@@ -26,9 +28,11 @@ from typing import ClassVar
 
 __all__ = [
     "ApiError",
+    "BudgetExceeded",
     "InvalidApiKey",
     "InvalidContentType",
     "InvalidJson",
+    "LimitExceeded",
     "MalformedRequest",
     "MethodNotAllowed",
     "MissingApiKey",
@@ -51,10 +55,19 @@ class ApiError(Exception):
     code: ClassVar[str]
     default_message: ClassVar[str]
 
-    def __init__(self, message: str | None = None, *, tenant: str | None = None, model: str | None = None):
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        tenant: str | None = None,
+        model: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ):
         self.message = message if message is not None else self.default_message
         self.tenant = tenant
         self.model = model
+        self.headers = headers
+        """Extra response headers a client may see (Envoy passes `retry-after` and `x-ratelimit-*` on)."""
         super().__init__(self.message)
 
     def body(self) -> bytes:
@@ -124,6 +137,20 @@ class RequestTooLarge(ApiError):
 class MalformedRequest(ApiError):
     status, type, code = 400, "invalid_request_error", "malformed_request"
     default_message = "Malformed HTTP request."
+
+
+class LimitExceeded(ApiError):
+    """A tenant limit would be crossed: requests or tokens per minute, or tokens per day."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    default_message = "Rate limit reached."
+
+
+class BudgetExceeded(LimitExceeded):
+    """The tenant's dollars per day are spent (OpenAI's name for a spent budget)."""
+
+    code = "insufficient_quota"
+    default_message = "The daily budget is spent."
 
 
 class ServiceUnavailable(ApiError):

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import signal
 import sys
 
+import grpc
+
+from ext_proc import tokens
+from ext_proc.accesslog import serve_access_log
 from ext_proc.config import ConfigError, ServiceConfig, load_config
+from ext_proc.ledger import Ledger
 from ext_proc.server import Server
+from ext_proc.store.base import Store
+from ext_proc.store.redis import RedisStore
+from ext_proc.store.sqlite import SqliteStore
 
 __all__ = ["main"]
 
@@ -32,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse larger request bodies with 413 (default: the config's max_request_bytes)",
     )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="port of the access-log gRPC service Envoy reports usage to (default: none, usage not settled)",
+    )
+    parser.add_argument(
+        "--ledger",
+        default="meshgen-ledger.sqlite",
+        help="SQLite ledger file when the config's store is sqlite (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -47,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     logger = _configure_logging(args.log_level)
-    return asyncio.run(_serve(config, args.host, args.port, args.max_body_bytes, logger))
+    return asyncio.run(_serve(config, args, logger))
 
 
 def _configure_logging(level: str) -> logging.Logger:
@@ -63,14 +84,41 @@ def _configure_logging(level: str) -> logging.Logger:
     return logger
 
 
-async def _serve(
-    config: ServiceConfig, host: str, port: int, max_body_bytes: int | None, logger: logging.Logger
-) -> int:
-    server = Server(config, max_body_bytes=max_body_bytes, logger=logger)
+async def _open_store(config: ServiceConfig, ledger_path: str) -> Store:
+    if config.store == "redis":
+        return RedisStore.from_url(config.redis_url)
+    return SqliteStore.open(ledger_path)
+
+
+async def _sweep(ledger: Ledger, logger: logging.Logger) -> None:
+    """Settle overdue reservations at their estimate, a few times per settle window."""
+    while True:
+        await asyncio.sleep(min(5.0, ledger.settle_after_s / 4))
+        try:
+            for settled in await ledger.sweep():
+                logger.info(
+                    json.dumps({"event": "settled_estimated", "tenant": settled.tenant, "model": settled.model})
+                )
+        except Exception as exc:  # a store hiccup must not end the sweeps
+            logger.error(json.dumps({"event": "sweep_failed", "error": type(exc).__name__}))
+
+
+async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: logging.Logger) -> int:
+    host, port = args.host, args.port
+    tokens.load()
+    store = await _open_store(config, args.ledger)
+    ledger = Ledger(config, store)
+    server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger)
+    access_log: grpc.aio.Server | None = None
+    sweeper = asyncio.create_task(_sweep(ledger, logger))
     try:
+        if args.grpc_port is not None:
+            access_log = await serve_access_log(host, args.grpc_port, ledger.settle, logger=logger)
+            print(f"{PROG} access log on {host}:{args.grpc_port}", file=sys.stderr, flush=True)
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
         print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        await _shutdown(sweeper, access_log, store)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -85,4 +133,14 @@ async def _serve(
         for signum in signals:
             loop.remove_signal_handler(signum)
         await server.close()
+        await _shutdown(sweeper, access_log, store)
     return 0
+
+
+async def _shutdown(sweeper: asyncio.Task[None], access_log: grpc.aio.Server | None, store: Store) -> None:
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
+    if access_log is not None:
+        await access_log.stop(grace=1.0)  # Envoy's last batch still settles
+    await store.close()

@@ -22,11 +22,12 @@ import asyncio
 import json
 import logging
 import traceback
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 import httptools
 
-from ext_proc.admission import Admission, api_key_from_headers
+from ext_proc.admission import Admission, Admitted, api_key_from_headers
 from ext_proc.config import ServiceConfig
 from ext_proc.errors import (
     ApiError,
@@ -36,6 +37,7 @@ from ext_proc.errors import (
     RequestTooLarge,
     ServiceUnavailable,
 )
+from ext_proc.ledger import Ledger
 
 __all__ = ["Server"]
 
@@ -54,6 +56,9 @@ _KEEP_ALIVE_END: Final = b"\r\n"
 _KEEP_ALIVE_10_END: Final = b"connection: keep-alive\r\n\r\n"  # HTTP/1.0 keep-alive must be announced
 _CLOSE_END: Final = b"connection: close\r\n\r\n"
 _AUTHZ_PREFIX: Final = b"/authz/"
+
+Answer = tuple[bytes, bytes] | Coroutine[Any, Any, tuple[bytes, bytes]]
+"""(head without the final blank line, body), or a coroutine making it."""
 
 
 def _head(status: int, headers: tuple[tuple[str, str], ...], content_length: int) -> bytes:
@@ -78,11 +83,13 @@ class Server:
         max_body_bytes: int | None = None,
         logger: logging.Logger | None = None,
         admission: Admission | None = None,
+        ledger: Ledger | None = None,
     ):
         self.config = config
         self.max_body_bytes = config.max_request_bytes if max_body_bytes is None else max_body_bytes
         self._log = logger if logger is not None else logging.getLogger("ext_proc")
         self._admission = admission if admission is not None else Admission(config)
+        self._ledger = ledger
         self._allow: dict[str, bytes] = {
             tenant: _head(200, (("x-meshgen-tenant", tenant),), 0) for tenant in config.tenants
         }
@@ -119,7 +126,8 @@ class Server:
         x_api_key: bytes | None,
         body: bytes,
         content_type: bytes | None = None,
-    ) -> tuple[bytes, bytes]:
+    ) -> Answer:
+        """The answer now, or (when the ledger must be asked) a coroutine that makes it."""
         try:
             query = url.find(b"?")
             path = url if query < 0 else url[:query]
@@ -129,7 +137,9 @@ class Server:
                     admitted = self._admission.admit(key, body, content_type)
                 except ApiError as err:
                     return self.refusal(err)
-                return self._allow[admitted.tenant], b""
+                if self._ledger is None:
+                    return self._allow[admitted.tenant], b""
+                return self._reserve(admitted)
             if path == b"/healthz":
                 if method == b"GET":
                     return self._healthz
@@ -141,6 +151,18 @@ class Server:
             self.log_internal_error(exc)
             return self.refusal(ServiceUnavailable())
 
+    async def _reserve(self, admitted: Admitted) -> tuple[bytes, bytes]:
+        assert self._ledger is not None
+        try:
+            verdict = await self._ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+        except ApiError as err:
+            return self.refusal(err)
+        except Exception as exc:
+            self.log_internal_error(exc)
+            return self.refusal(ServiceUnavailable())
+        headers = (("x-meshgen-tenant", admitted.tenant), ("x-meshgen-reservation", verdict.reservation or ""))
+        return _head(200, headers, 0), b""
+
     def refusal(self, err: ApiError) -> tuple[bytes, bytes]:
         body = err.body()
         line = {
@@ -151,7 +173,7 @@ class Server:
             "model": err.model,
         }
         self._log.info(json.dumps(line))
-        return _head(err.status, (("content-type", "application/json"),), len(body)), body
+        return _head(err.status, (("content-type", "application/json"), *err.headers), len(body)), body
 
     def log_internal_error(self, exc: BaseException) -> None:
         # Type and stack frames only: an exception's message or locals may quote the request body or a key.
@@ -167,6 +189,7 @@ class _HttpProtocol(asyncio.Protocol):
         "_closing",
         "_content_type",
         "_parser",
+        "_pending",
         "_server",
         "_transport",
         "_url",
@@ -184,6 +207,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._content_type: bytes | None = None
         self._body: list[bytes] = []
         self._body_size = 0
+        self._pending: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ---
 
@@ -195,6 +219,8 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._server._connections.discard(self)
+        if self._pending is not None:
+            self._pending.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -209,7 +235,7 @@ class _HttpProtocol(asyncio.Protocol):
                 self._reject(ServiceUnavailable())
         except httptools.HttpParserError:
             self._reject(MalformedRequest())
-        if self._closing:
+        if self._closing and self._pending is None:
             self.close()
 
     def pause_writing(self) -> None:  # the client is not reading its answers: stop reading its requests
@@ -268,7 +294,7 @@ class _HttpProtocol(asyncio.Protocol):
         if self._closing:  # refused mid-message, or a message pipelined after one that closes
             return
         body = self._body
-        head, payload = self._server.handle(
+        answer = self._server.handle(
             self._parser.get_method(),
             self._url,
             self._authorization,
@@ -282,14 +308,31 @@ class _HttpProtocol(asyncio.Protocol):
         else:
             end = _CLOSE_END
             self._closing = True
-        assert self._transport is not None
-        self._transport.write(head + end + payload)
+        self._send(answer, end)
 
     def _reject(self, err: ApiError) -> None:
         """Answer ``err`` and close the connection once it is written; ignore whatever else arrives."""
         if self._closing:
             return
-        head, payload = self._server.refusal(err)
         self._closing = True
-        if self._transport is not None:
-            self._transport.write(head + _CLOSE_END + payload)
+        self._send(self._server.refusal(err), _CLOSE_END)
+
+    def _send(self, answer: Answer, end: bytes) -> None:
+        """Write an answer now if nothing is ahead of it; otherwise after those ahead, so pipelined requests
+        are answered in order even when one waits for the ledger."""
+        if isinstance(answer, tuple) and self._pending is None:
+            assert self._transport is not None
+            self._transport.write(answer[0] + end + answer[1])
+            return
+        self._pending = asyncio.ensure_future(self._send_later(self._pending, answer, end))
+
+    async def _send_later(self, ahead: asyncio.Future[None] | None, answer: Answer, end: bytes) -> None:
+        if ahead is not None:
+            await ahead
+        head, payload = answer if isinstance(answer, tuple) else await answer
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(head + end + payload)
+        if self._pending is asyncio.current_task():
+            self._pending = None
+            if self._closing:
+                self.close()

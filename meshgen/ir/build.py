@@ -10,11 +10,14 @@ from meshgen.ir import model as ir
 from meshgen.policy import model as pm
 
 GLOBAL_REGION = "global"
+SETTLE_MARGIN_MS = 10_000
+"""Beyond the longest request: the access log's flush (0.5 s) and a slow, busy service."""
 
 
 def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
     clusters = build_clusters(policy)
     models = build_models(policy)
+    longest_ms = max(m.timeout_ms for m in models)
     return ir.Gateway(
         name=policy.name,
         source=source,
@@ -28,6 +31,8 @@ def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
             failure_mode=policy.service.failure_mode,
             max_request_bytes=policy.service.max_request_bytes,
             store=policy.service.store,
+            redis_url=policy.service.redis_url,
+            settle_after_ms=longest_ms + SETTLE_MARGIN_MS,
         ),
         ports=build_ports(policy, clusters),
     )
@@ -206,7 +211,7 @@ def build_slos(policy: pm.Policy) -> tuple[ir.Slo, ...]:
 
 def build_ports(policy: pm.Policy, clusters: tuple[ir.ProviderCluster, ...]) -> ir.Ports:
     """Consecutive ports from `lab.base_port`, in a fixed order so the local target is stable."""
-    names = ["service"]
+    names = ["service", "service.grpc"]
     for region in sorted(policy.regions):
         names += [f"listener.{region}", f"admin.{region}"]
         names += [f"chaos.{region}.{c.name}" for c in clusters if c.faults]

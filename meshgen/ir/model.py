@@ -154,6 +154,10 @@ class Service(Frozen):
     failure_mode: Literal["open", "closed"]
     max_request_bytes: int
     store: Literal["sqlite", "redis"]
+    redis_url: str
+    settle_after_ms: int
+    """How long after admission a request's usage may still arrive: the longest route timeout plus the access
+    log's flush and a margin. Later, its reservation is settled at the estimate."""
 
 
 class Ports(Frozen):

@@ -139,7 +139,8 @@ class Lab(Managed):
             for region in regions
             if name in (f"listener.{region}", f"admin.{region}") or name.startswith(f"chaos.{region}.")
         ]
-        busy = _ports_in_use([("service", gateway.ports.of("service")), *endpoints.items(), *envoy_ports])
+        service_ports = [(name, gateway.ports.of(name)) for name in ("service", "service.grpc")]
+        busy = _ports_in_use([*service_ports, *endpoints.items(), *envoy_ports])
         if busy:
             raise LabError(
                 f"port(s) in use on {HOST}: {', '.join(busy)}; is another `meshgen lab up` running? "
@@ -158,6 +159,8 @@ class Lab(Managed):
                     local / "service.json",
                     host=HOST,
                     port=gateway.ports.of("service"),
+                    grpc_port=gateway.ports.of("service.grpc"),
+                    ledger=self.run_dir / "ledger.sqlite",
                     timeout=self.ready_timeout,
                     log_path=service_log,
                     process_group=0,

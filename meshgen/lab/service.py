@@ -48,8 +48,14 @@ class ServiceProcess(Managed):
         log_path: Path | None = None,
         cwd: Path | None = None,
         process_group: int | None = None,
+        grpc_port: int | None = None,
+        ledger: Path | None = None,
     ) -> None:
         self.config = config
+        self.grpc_port = grpc_port
+        """Where the service takes Envoy's access log (usage); None: no accounting of usage."""
+        self.ledger = ledger if ledger is not None else config.with_name("meshgen-ledger.sqlite")
+        """The SQLite ledger (when the config's store is sqlite); beside the config unless given."""
         self.extra_args = tuple(extra_args)
         self.host = host
         self.port = port
@@ -67,6 +73,9 @@ class ServiceProcess(Managed):
     @property
     def command(self) -> list[str]:
         args = ["--config", str(self.config), "--host", self.host, "--port", str(self.port)]
+        args += ["--ledger", str(self.ledger)]
+        if self.grpc_port is not None:
+            args += ["--grpc-port", str(self.grpc_port)]
         return [sys.executable, "-m", "ext_proc", *args, *self.extra_args]
 
     def start(self) -> ServiceProcess:

@@ -216,7 +216,8 @@ class Service(Strict):
     max_request_bytes: int = Field(1_048_576, ge=1024, le=8 * 1024 * 1024)
     """The data-plane service refuses bodies over 8 MiB itself."""
     store: Literal["sqlite", "redis"] = "sqlite"
-    """Not yet rendered (token economy issue)."""
+    """The ledger of tokens and dollars: SQLite for one service process, Redis for several replicas."""
+    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
 
 
 class Lab(Strict):

@@ -17,6 +17,9 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
         "policy": gw.name,
         "failure_mode": gw.service.failure_mode,
         "max_request_bytes": gw.service.max_request_bytes,
+        "store": gw.service.store,
+        "redis_url": gw.service.redis_url,
+        "settle_after_ms": gw.service.settle_after_ms,
         "models": {
             m.name: {
                 "provider": m.provider,

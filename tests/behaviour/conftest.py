@@ -31,6 +31,8 @@ class Running:
     envoy: EnvoyProcess
     upstream: MockUpstream
     port: int
+    ledger: Path
+    """The service's SQLite ledger: tests read what was counted straight from it."""
 
     def post(
         self,
@@ -48,9 +50,9 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-def with_free_ports(gw: Gateway, service_port: int) -> Gateway:
-    names = [name for name, _ in gw.ports.by_name if name != "service"]
-    ports = dict(zip(names, free_ports(len(names)), strict=True)) | {"service": service_port}
+def with_free_ports(gw: Gateway, fixed: Mapping[str, int]) -> Gateway:
+    names = [name for name, _ in gw.ports.by_name if name not in fixed]
+    ports = dict(zip(names, free_ports(len(names)), strict=True)) | dict(fixed)
     return gw.model_copy(update={"ports": Ports(by_name=tuple(ports.items()))})
 
 
@@ -63,13 +65,18 @@ def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator
     config = out / "service.json"
     config.write_text(json.dumps(next(d for d in render_all(gw) if d.path == "local/service.json").data))
     with ExitStack() as stack:
-        port = stack.enter_context(ServiceProcess(config)).port if service else free_ports(1)[0]
-        gw = with_free_ports(gw, port)
+        grpc_port = free_ports(1)[0]
+        if service:
+            process = ServiceProcess(config, grpc_port=grpc_port, ledger=out / "ledger.sqlite")
+            port = stack.enter_context(process).port
+        else:
+            port = free_ports(1)[0]
+        gw = with_free_ports(gw, {"service": port, "service.grpc": grpc_port})
         output.write(out / "gen", output.serialize(render_all(gw), source=POLICY.name, version="test"))
         endpoints = {e.name: gw.ports.of(e.name) for c in gw.clusters for e in c.endpoints}
         upstream = stack.enter_context(MockUpstream(endpoints))
         envoy = stack.enter_context(EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")))
-        yield Running(gw, envoy, upstream, gw.ports.of("listener.us-east"))
+        yield Running(gw, envoy, upstream, gw.ports.of("listener.us-east"), out / "ledger.sqlite")
 
 
 @pytest.fixture(scope="module")

@@ -190,13 +190,17 @@ def test_client_cannot_set_envoy_timeouts_or_retries(lab: Running) -> None:
     assert not leaked
 
 
-def test_tenant_rpm_is_enforced_by_envoy_with_an_openai_error(lab: Running) -> None:
+def test_tenant_rpm_gets_an_openai_429_with_rate_limit_headers(lab: Running) -> None:
     statuses = [lab.post(chat("dev-model"), key="sk-test-limited").status for _ in range(3)]
     assert statuses == [200, 200, 200]
     limited = lab.post(chat("dev-model"), key="sk-test-limited")
     assert limited.status == 429
-    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-    assert limited.headers["x-ratelimit-limit"] == "3"
+    error = limited.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "requests per minute" in error["message"]
+    assert limited.headers["x-ratelimit-limit-requests"] == "3"
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
     assert lab.post(chat("dev-model"), key=DEV_KEY).status == 200, "another tenant's bucket is its own"
 
 

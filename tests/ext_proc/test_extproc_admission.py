@@ -198,9 +198,9 @@ def test_refusals(
 
 
 def test_admitted(admission: Admission) -> None:
-    body = json.dumps({"model": "gpt-4o-mini", "messages": [], "stream": True}).encode()
-    assert admission.admit(KEY_A2.encode(), body) == Admitted("team-a", "gpt-4o-mini")
-    assert admission.admit(KEY_B.encode(), b'{"model":"llama3"}') == Admitted("team-b", "llama3")
+    request = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+    assert admission.admit(KEY_A2.encode(), json.dumps(request).encode()) == Admitted("team-a", "gpt-4o-mini", request)
+    assert admission.admit(KEY_B.encode(), b'{"model":"llama3"}') == Admitted("team-b", "llama3", {"model": "llama3"})
 
 
 @pytest.mark.parametrize(

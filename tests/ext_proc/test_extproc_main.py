@@ -58,7 +58,7 @@ def test_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["--config", str(write_config(tmp_path)), "--port", str(port)])
+        code = main(["--config", str(write_config(tmp_path)), "--port", str(port), "--ledger", str(tmp_path / "l.db")])
     assert code == 1
     assert f"meshgen-service: error: cannot listen on 127.0.0.1:{port}:" in capsys.readouterr().err
 

@@ -1,10 +1,11 @@
-"""Clusters: one per provider and region, an aggregate per model chain, the data-plane service."""
+"""Clusters: one per provider and region, an aggregate per model chain, the data-plane service (HTTP and gRPC)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from meshgen.ir import model as ir
+from meshgen.render.envoy.access_log import ALS_CLUSTER
 from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
 from meshgen.render.envoy.routes import chain_cluster
 from meshgen.render.envoy.target import Address, Placement
@@ -197,7 +198,26 @@ def service_cluster(place: Placement) -> dict[str, Any]:
     }
 
 
+def service_grpc_cluster(place: Placement) -> dict[str, Any]:
+    """The service's gRPC port, over HTTP/2: the access-log service (one long-lived stream, batched entries)."""
+    address = place.service_grpc()
+    return {
+        "name": ALS_CLUSTER,
+        "alt_stat_name": stat_name(ALS_CLUSTER),
+        "connect_timeout": "1s",
+        **_discovery([address]),
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": _load_assignment(ALS_CLUSTER, [(address, 1, {})]),
+    }
+
+
 def all_clusters(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
     hashed = affinity_headers(gw)
     providers = [cl for c in gw.clusters for cl in provider_clusters(place, c, ring_hash=c.name in hashed)]
-    return [service_cluster(place), *providers, *chain_clusters(gw, region)]
+    return [service_cluster(place), service_grpc_cluster(place), *providers, *chain_clusters(gw, region)]

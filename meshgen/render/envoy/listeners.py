@@ -12,6 +12,9 @@ Gateway filter order (each position has a reason):
 | 3 | local_ratelimit         | per-tenant RPM, needs the tenant header from (2)                                |
 | 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
 | 5 | router                  | routes on the model, retries, hedges, mirrors                                   |
+
+On the way back json_to_metadata lifts a JSON response's usage and served model into `meshgen.resp`; the gRPC access
+log (access_log.py) takes them, with the reservation ext_authz answered, to the data-plane service.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshgen.ir import model as ir
+from meshgen.render.envoy.access_log import usage_access_log
 from meshgen.render.envoy.clusters import affinity_headers, direct_name
 from meshgen.render.envoy.filters.ext_authz import ext_authz_filter
 from meshgen.render.envoy.filters.fault import fault_filter
@@ -27,7 +31,17 @@ from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
 from meshgen.render.envoy.filters.rbac import rbac_filter
 from meshgen.render.envoy.routes import route_config
 from meshgen.render.envoy.target import Placement
-from meshgen.render.envoy.types import API, HCM, META_NS, ROUTER, TENANT_HEADER, filter_, openai_error, stat_name
+from meshgen.render.envoy.types import (
+    API,
+    AUTHZ_META_NS,
+    HCM,
+    META_NS,
+    ROUTER,
+    TENANT_HEADER,
+    filter_,
+    openai_error,
+    stat_name,
+)
 
 _STRIP_INTERNAL = {
     "name": "envoy.http.early_header_mutation.header_mutation",
@@ -53,7 +67,7 @@ _ACCESS_LOG_FIELDS = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "route": "%ROUTE_NAME%",
     "status": "%RESPONSE_CODE%",
-    "tenant": f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{TENANT_HEADER})%",
+    "tenant": f"%DYNAMIC_METADATA({AUTHZ_META_NS}:{TENANT_HEADER})%",
     "upstream": "%UPSTREAM_HOST%",
 }
 
@@ -151,7 +165,9 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
                     "@type": f"{API}.extensions.access_loggers.stream.v3.StdoutAccessLog",
                     "log_format": {"json_format": _ACCESS_LOG_FIELDS},
                 },
-            }
+            },
+            # Usage of JSON responses → the data-plane service, batched (access_log.py).
+            usage_access_log(),
         ],
     }
     return {

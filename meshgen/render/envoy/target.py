@@ -11,6 +11,7 @@ from meshgen.ir import model as ir
 COMPOSE_LISTENER_PORT = 10000
 COMPOSE_ADMIN_PORT = 9901
 COMPOSE_SERVICE = ("meshgen-service", 9000)
+COMPOSE_SERVICE_GRPC = ("meshgen-service", 9001)
 COMPOSE_CHAOS_PORT = 10100
 LOOPBACK = "127.0.0.1"
 
@@ -55,6 +56,12 @@ class Placement:
         if self.target is Target.LOCAL:
             return Address(LOOPBACK, self.gw.ports.of("service"))
         return Address(*COMPOSE_SERVICE)
+
+    def service_grpc(self) -> Address:
+        """The data-plane service's gRPC port (the access-log service), beside its ext_authz HTTP port."""
+        if self.target is Target.LOCAL:
+            return Address(LOOPBACK, self.gw.ports.of("service.grpc"))
+        return Address(*COMPOSE_SERVICE_GRPC)
 
     def chaos_hop(self, cluster: ir.ProviderCluster) -> Address:
         if self.target is Target.LOCAL:

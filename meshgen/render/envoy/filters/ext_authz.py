@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from meshgen.ir import model as ir
-from meshgen.render.envoy.types import API, CLIENT_KEY_HEADERS, ROUTE_HEADER, TENANT_HEADER, duration, filter_
+from meshgen.render.envoy.types import (
+    API,
+    CLIENT_KEY_HEADERS,
+    RESERVATION_HEADER,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+    duration,
+    filter_,
+)
 
 SERVICE_CLUSTER = "meshgen.service"
 PATH_PREFIX = "/authz"
@@ -35,8 +43,10 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                 "path_prefix": PATH_PREFIX,
                 "authorization_response": {
                     "allowed_upstream_headers": {"patterns": _exact(TENANT_HEADER, ROUTE_HEADER)},
-                    # The tenant outlives the header (removed before a provider sees it) for the access log.
-                    "dynamic_metadata_from_headers": {"patterns": _exact(TENANT_HEADER)},
+                    # The tenant and the reservation outlive the headers (neither reaches a provider) as metadata
+                    # (namespace envoy.filters.http.ext_authz), for the access logs; the gRPC one settles the
+                    # reservation with the response's usage.
+                    "dynamic_metadata_from_headers": {"patterns": _exact(TENANT_HEADER, RESERVATION_HEADER)},
                     "allowed_client_headers": {
                         "patterns": [*_exact("content-type", "retry-after"), {"prefix": "x-ratelimit-"}]
                     },

@@ -1,0 +1,176 @@
+"""Usage of JSON responses from Envoy's gRPC access-log service (ALS): ``envoy.service.accesslog.v3``.
+
+The gateway's ``envoy.access_loggers.http_grpc`` logger (log name ``meshgen.usage``) streams batches of
+``HTTPAccessLogEntry`` here over one long-lived gRPC stream per Envoy worker, flushed every 0.5 s: no gRPC call
+per request. Each entry's ``common_properties.metadata`` carries what this service needs, never a body or a key:
+
+- ``envoy.filters.http.ext_authz``: ``x-meshgen-reservation``, ``x-meshgen-tenant`` (this service's admission answer);
+- ``meshgen.req``: ``model`` (the request body's model);
+- ``meshgen.resp``: ``prompt_tokens``/``completion_tokens`` (OpenAI) or ``input_tokens``/``output_tokens``
+  (Anthropic), ``model`` (the model that served), lifted from a JSON response body by ``json_to_metadata``.
+
+Every entry with a reservation becomes one :class:`UsageRecord` passed to the injected ``on_usage`` callback, in
+order; entries without one are ignored. A failing callback is logged (reservation and error type only) and the
+stream goes on, so one bad record never costs a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+__all__ = [
+    "AUTHZ_NAMESPACE",
+    "REQUEST_NAMESPACE",
+    "RESERVATION_KEY",
+    "RESPONSE_NAMESPACE",
+    "TENANT_KEY",
+    "AccessLogServicer",
+    "OnUsage",
+    "UsageRecord",
+    "serve_access_log",
+    "usage_from_entry",
+]
+
+AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
+RESERVATION_KEY: Final = "x-meshgen-reservation"
+TENANT_KEY: Final = "x-meshgen-tenant"
+REQUEST_NAMESPACE: Final = "meshgen.req"
+RESPONSE_NAMESPACE: Final = "meshgen.resp"
+
+# (input, output) key pairs in meshgen.resp, first present wins.
+_USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one finished request used, for settling its reservation."""
+
+    reservation: str
+    tenant: str | None
+    request_model: str | None
+    """The model the client asked for (request body)."""
+    served_model: str | None
+    """The model the provider says answered (response body); differs after a downgrade or a failover."""
+    input_tokens: int
+    output_tokens: int
+    status: int
+    """The HTTP status the client got; 0 when no response was sent (client gone, stream reset)."""
+    has_usage: bool
+    """False when the response carried no usage (an error, an SSE stream, a non-JSON body): tokens are then 0
+    and the reservation should be settled some other way (released, or by the streaming path)."""
+
+
+OnUsage = Callable[[UsageRecord], Awaitable[object]]
+
+
+def _fields(metadata: Any, namespace: str) -> Any | None:
+    """The ``google.protobuf.Struct`` fields of one namespace, or None."""
+    if namespace not in metadata.filter_metadata:
+        return None
+    return metadata.filter_metadata[namespace].fields
+
+
+def _string(fields: Any | None, key: str) -> str | None:
+    if fields is None or key not in fields:
+        return None
+    value = fields[key]
+    if value.WhichOneof("kind") != "string_value" or not value.string_value:
+        return None
+    return str(value.string_value)
+
+
+def _count(fields: Any | None, key: str) -> int | None:
+    """A token count: a non-negative finite number (json_to_metadata NUMBER), else None."""
+    if fields is None or key not in fields:
+        return None
+    value = fields[key]
+    if value.WhichOneof("kind") != "number_value":
+        return None
+    number = float(value.number_value)
+    if not math.isfinite(number) or number < 0:
+        return None
+    return int(number)
+
+
+def usage_from_entry(entry: Any) -> UsageRecord | None:
+    """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` → its usage, or None without a reservation."""
+    metadata = entry.common_properties.metadata
+    authz = _fields(metadata, AUTHZ_NAMESPACE)
+    reservation = _string(authz, RESERVATION_KEY)
+    if reservation is None:
+        return None
+    resp = _fields(metadata, RESPONSE_NAMESPACE)
+    input_tokens = output_tokens = 0
+    has_usage = False
+    for in_key, out_key in _USAGE_KEYS:
+        found_in, found_out = _count(resp, in_key), _count(resp, out_key)
+        if found_in is not None or found_out is not None:
+            input_tokens, output_tokens, has_usage = found_in or 0, found_out or 0, True
+            break
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    return UsageRecord(
+        reservation=reservation,
+        tenant=_string(authz, TENANT_KEY),
+        request_model=_string(_fields(metadata, REQUEST_NAMESPACE), "model"),
+        served_model=_string(resp, "model"),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        status=int(status),
+        has_usage=has_usage,
+    )
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """``AccessLogService/StreamAccessLogs``: every HTTP entry with a reservation → ``on_usage``."""
+
+    def __init__(self, on_usage: OnUsage, *, logger: logging.Logger | None = None) -> None:
+        self._on_usage = on_usage
+        self._log = logger or logging.getLogger("ext_proc")
+
+    async def StreamAccessLogs(  # noqa: N802 (the gRPC method's name)
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> Any:
+        async for message in request_iterator:
+            if message.WhichOneof("log_entries") != "http_logs":
+                continue  # TCP entries: nothing to settle
+            for entry in message.http_logs.log_entry:
+                record = usage_from_entry(entry)
+                if record is not None:
+                    await self._deliver(record)
+        return als_pb2.StreamAccessLogsResponse()
+
+    async def _deliver(self, record: UsageRecord) -> None:
+        try:
+            await self._on_usage(record)
+        except Exception as exc:  # noqa: BLE001 (one bad record must not end Envoy's stream and lose the batch)
+            frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
+            line = {"event": "usage_error", "reservation": record.reservation, "error": type(exc).__name__}
+            self._log.error(json.dumps(line | {"stack": frames}))
+
+
+async def serve_access_log(
+    host: str, port: int, on_usage: OnUsage, *, logger: logging.Logger | None = None
+) -> grpc.aio.Server:
+    """Start the access-log service on ``host:port`` (the policy's ``service.grpc`` port); stop it with
+    ``await server.stop(grace)``. Raises OSError when the address cannot be bound."""
+    # No SO_REUSEPORT: a second service on the same port must fail here, not silently share Envoy's streams.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(on_usage, logger=logger), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server
