@@ -7,9 +7,6 @@ coroutines with ``asyncio.run`` (no pytest-asyncio here), so each store and clie
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,50 +19,14 @@ from ext_proc.store.base import Store
 from ext_proc.store.redis import RedisStore
 from ext_proc.store.sqlite import SqliteStore
 from tests.ext_proc.store.kit import OpenStore
-from tests.support import free_ports, require_binary
-
-REDIS_START_TIMEOUT_S = 10.0
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+from tests.support.redis import redis_server
 
 
 @pytest.fixture(scope="session")
 def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real redis-server on 127.0.0.1 for the whole session (no persistence), killed at the end."""
-    binary = require_binary("redis-server")
-    workdir = tmp_path_factory.mktemp("redis")
-    (port,) = free_ports(1)
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while not _answers_ping(port):
-            if proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {proc.returncode}: {_log_tail(workdir)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S}s: {_log_tail(workdir)}")
-            time.sleep(0.02)
+    with redis_server(tmp_path_factory.mktemp("redis")) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _log_tail(workdir: Path) -> str:
-    log = workdir / "redis.log"
-    return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
 
 
 @pytest.fixture(params=["sqlite", "redis"])
