@@ -33,6 +33,9 @@ class Running:
     port: int
     ledger: Path
     """The service's SQLite ledger: tests read what was counted straight from it."""
+    service: ServiceProcess | None
+    grpc_port: int
+    config: Path
 
     def post(
         self,
@@ -66,17 +69,15 @@ def running_gateway(gw: Gateway, out: Path, *, service: bool = True) -> Iterator
     config.write_text(json.dumps(next(d for d in render_all(gw) if d.path == "local/service.json").data))
     with ExitStack() as stack:
         grpc_port = free_ports(1)[0]
-        if service:
-            process = ServiceProcess(config, grpc_port=grpc_port, ledger=out / "ledger.sqlite")
-            port = stack.enter_context(process).port
-        else:
-            port = free_ports(1)[0]
+        process = ServiceProcess(config, grpc_port=grpc_port, ledger=out / "ledger.sqlite") if service else None
+        port = stack.enter_context(process).port if process else free_ports(1)[0]
         gw = with_free_ports(gw, {"service": port, "service.grpc": grpc_port})
         output.write(out / "gen", output.serialize(render_all(gw), source=POLICY.name, version="test"))
         endpoints = {e.name: gw.ports.of(e.name) for c in gw.clusters for e in c.endpoints}
         upstream = stack.enter_context(MockUpstream(endpoints))
         envoy = stack.enter_context(EnvoyProcess(out / "gen/local/envoy/us-east.yaml", gw.ports.of("admin.us-east")))
-        yield Running(gw, envoy, upstream, gw.ports.of("listener.us-east"), out / "ledger.sqlite")
+        listener = gw.ports.of("listener.us-east")
+        yield Running(gw, envoy, upstream, listener, out / "ledger.sqlite", process, grpc_port, config)
 
 
 @pytest.fixture(scope="module")
