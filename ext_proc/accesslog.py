@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 __all__ = [
     "AUTHZ_NAMESPACE",
@@ -37,6 +38,7 @@ __all__ = [
     "OnUsage",
     "UsageRecord",
     "serve_access_log",
+    "serve_grpc",
     "usage_from_entry",
 ]
 
@@ -157,14 +159,22 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             self._log.error(json.dumps(line | {"stack": frames}))
 
 
-async def serve_access_log(
-    host: str, port: int, on_usage: OnUsage, *, logger: logging.Logger | None = None
+async def serve_grpc(
+    host: str,
+    port: int,
+    *,
+    on_usage: OnUsage,
+    processor: Any | None = None,
+    logger: logging.Logger | None = None,
 ) -> grpc.aio.Server:
-    """Start the access-log service on ``host:port`` (the policy's ``service.grpc`` port); stop it with
-    ``await server.stop(grace)``. Raises OSError when the address cannot be bound."""
+    """Start the service's gRPC port (the policy's ``service.grpc``): the access-log service and, when given,
+    the ext_proc ``processor`` (an ``ExternalProcessorServicer``, :mod:`ext_proc.processor`) on one server. Stop
+    it with ``await server.stop(grace)``. Raises OSError when the address cannot be bound."""
     # No SO_REUSEPORT: a second service on the same port must fail here, not silently share Envoy's streams.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(on_usage, logger=logger), server)
+    if processor is not None:
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -174,3 +184,10 @@ async def serve_access_log(
         raise OSError(f"cannot listen on {address}")
     await server.start()
     return server
+
+
+async def serve_access_log(
+    host: str, port: int, on_usage: OnUsage, *, logger: logging.Logger | None = None
+) -> grpc.aio.Server:
+    """:func:`serve_grpc` with the access-log service only."""
+    return await serve_grpc(host, port, on_usage=on_usage, logger=logger)

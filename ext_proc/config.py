@@ -96,6 +96,8 @@ class ServiceConfig(_Frozen):
     redis_url: str = "redis://127.0.0.1:6379/0"
     settle_after_ms: int = Field(120_000, ge=1000)
     """A reservation whose usage has not arrived this long after admission is settled at its estimate."""
+    alert_webhook: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = None
+    """Budget stage alerts are POSTed here as JSON (fire-and-forget, short timeout), besides the metric and log."""
 
     @model_validator(mode="after")
     def _check_references(self) -> ServiceConfig:

@@ -145,6 +145,22 @@ class LimitExceeded(ApiError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
     default_message = "Rate limit reached."
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        tenant: str | None = None,
+        model: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        limit: str | None = None,
+        reason: str | None = None,
+    ):
+        super().__init__(message, tenant=tenant, model=model, headers=headers)
+        self.limit = limit
+        """The limit that refused (``rpm``, ``tpm``, ``tpd``, ``usd_per_day``): the queue holds rpm and tpm."""
+        self.reason = reason or limit or self.code
+        """Why, for the refusals metric: the limit, or ``queue_full`` / ``queue_timeout`` for a held request."""
+
 
 class BudgetExceeded(LimitExceeded):
     """The tenant's dollars per day are spent (OpenAI's name for a spent budget)."""

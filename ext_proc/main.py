@@ -18,9 +18,10 @@ import sys
 import grpc
 
 from ext_proc import tokens
-from ext_proc.accesslog import serve_access_log
+from ext_proc.accesslog import UsageRecord, serve_grpc
 from ext_proc.config import ConfigError, ServiceConfig, load_config
 from ext_proc.ledger import Ledger
+from ext_proc.processor import ExternalProcessor, Settle
 from ext_proc.server import Server
 from ext_proc.store.base import Store
 from ext_proc.store.redis import RedisStore
@@ -103,18 +104,46 @@ async def _sweep(ledger: Ledger, logger: logging.Logger) -> None:
             logger.error(json.dumps({"event": "sweep_failed", "error": type(exc).__name__}))
 
 
+def stream_settle(ledger: Ledger) -> Settle:
+    """The streaming path's settle → :meth:`Ledger.settle`. An estimated count (a stream cut or without usage) is
+    not written yet: the ledger cannot mark a settle estimated, so the sweep settles that reservation at its
+    reserved estimate (marked estimated, never below what the provider billed); the processor logs the estimate."""
+
+    async def settle(
+        reservation: str, served_model: str | None, input_tokens: int, output_tokens: int, estimated: bool
+    ) -> object:
+        if estimated:
+            return None
+        usage = UsageRecord(
+            reservation=reservation,
+            tenant=None,
+            request_model=None,
+            served_model=served_model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            status=200,
+            has_usage=True,
+        )
+        return await ledger.settle(usage)
+
+    return settle
+
+
 async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: logging.Logger) -> int:
     host, port = args.host, args.port
     tokens.load()
     store = await _open_store(config, args.ledger)
-    ledger = Ledger(config, store)
+    ledger = Ledger(config, store, logger=logger)
     server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger)
     access_log: grpc.aio.Server | None = None
     sweeper = asyncio.create_task(_sweep(ledger, logger))
     try:
         if args.grpc_port is not None:
-            access_log = await serve_access_log(host, args.grpc_port, ledger.settle, logger=logger)
-            print(f"{PROG} access log on {host}:{args.grpc_port}", file=sys.stderr, flush=True)
+            processor = ExternalProcessor(config, stream_settle(ledger), logger=logger)
+            access_log = await serve_grpc(
+                host, args.grpc_port, on_usage=ledger.settle, processor=processor, logger=logger
+            )
+            print(f"{PROG} access log and ext_proc on {host}:{args.grpc_port}", file=sys.stderr, flush=True)
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
         print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)

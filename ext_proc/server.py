@@ -2,12 +2,16 @@
 
 Envoy's ext_authz filter (``http_service``, ``path_prefix: /authz``, ``with_request_body``) sends one
 ``<METHOD> /authz/<original path>`` per client request, carrying the client's ``authorization``,
-``x-api-key``, ``content-type`` and ``x-priority`` headers and the raw request body (at most the config's
-``max_request_bytes``, unless the server is given another ``max_body_bytes``).
+``x-api-key``, ``content-type`` and the tenants' non-critical headers (``x-priority``) and the raw request body
+(at most the config's ``max_request_bytes``, unless the server is given another ``max_body_bytes``).
 
 - ``/authz`` and ``/authz/…``: admission. 200 with ``x-meshgen-tenant`` and no body allows the request;
-  any other status denies it, and Envoy passes status and body on to the client.
+  any other status denies it, and Envoy passes status and body on to the client. When the budget moved the
+  request to the model's downgrade, the 200 also carries ``x-meshgen-route: <downgrade>`` (Envoy routes on it)
+  and ``x-meshgen-downgraded-from: <requested>``. A non-critical request refused by rpm or tpm is held
+  (``ext_proc/queueing.py``) before it is answered.
 - ``GET``/``HEAD /healthz``: 200 ``ok`` (readiness).
+- ``GET /metrics``: Prometheus text exposition (``ext_proc/metrics.py``).
 - anything else: 404 JSON.
 
 Connections are keep-alive. Each request is answered as soon as its last byte is parsed, inside the parser
@@ -22,7 +26,7 @@ import asyncio
 import json
 import logging
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
 import httptools
@@ -31,13 +35,16 @@ from ext_proc.admission import Admission, Admitted, api_key_from_headers
 from ext_proc.config import ServiceConfig
 from ext_proc.errors import (
     ApiError,
+    LimitExceeded,
     MalformedRequest,
     MethodNotAllowed,
     NotFound,
     RequestTooLarge,
     ServiceUnavailable,
 )
-from ext_proc.ledger import Ledger
+from ext_proc.ledger import Ledger, Reserved
+from ext_proc.metrics import CONTENT_TYPE, Metrics
+from ext_proc.queueing import HELD_LIMITS, HoldQueue
 
 __all__ = ["Server"]
 
@@ -84,12 +91,19 @@ class Server:
         logger: logging.Logger | None = None,
         admission: Admission | None = None,
         ledger: Ledger | None = None,
+        metrics: Metrics | None = None,
+        queue: HoldQueue | None = None,
     ):
         self.config = config
         self.max_body_bytes = config.max_request_bytes if max_body_bytes is None else max_body_bytes
         self._log = logger if logger is not None else logging.getLogger("ext_proc")
         self._admission = admission if admission is not None else Admission(config)
         self._ledger = ledger
+        if metrics is None:
+            metrics = ledger.metrics if ledger is not None else Metrics(config)
+        self.metrics = metrics
+        self.queue = queue if queue is not None else HoldQueue(config, metrics)
+        self.priority_headers = self.queue.headers
         self._allow: dict[str, bytes] = {
             tenant: _head(200, (("x-meshgen-tenant", tenant),), 0) for tenant in config.tenants
         }
@@ -126,6 +140,7 @@ class Server:
         x_api_key: bytes | None,
         body: bytes,
         content_type: bytes | None = None,
+        priority: Sequence[tuple[bytes, bytes]] = (),
     ) -> Answer:
         """The answer now, or (when the ledger must be asked) a coroutine that makes it."""
         try:
@@ -139,7 +154,12 @@ class Server:
                     return self.refusal(err)
                 if self._ledger is None:
                     return self._allow[admitted.tenant], b""
-                return self._reserve(admitted)
+                return self._reserve(admitted, priority)
+            if path == b"/metrics":
+                if method == b"GET":
+                    payload = self.metrics.exposition()
+                    return _head(200, (("content-type", CONTENT_TYPE),), len(payload)), payload
+                return self.refusal(MethodNotAllowed())
             if path == b"/healthz":
                 if method == b"GET":
                     return self._healthz
@@ -151,16 +171,32 @@ class Server:
             self.log_internal_error(exc)
             return self.refusal(ServiceUnavailable())
 
-    async def _reserve(self, admitted: Admitted) -> tuple[bytes, bytes]:
-        assert self._ledger is not None
+    async def _reserve(self, admitted: Admitted, priority: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+        ledger = self._ledger
+        assert ledger is not None
         try:
-            verdict = await self._ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+            try:
+                reserved = await ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+            except LimitExceeded as err:
+                wait_s = self.queue.max_wait(admitted.tenant, priority) if err.limit in HELD_LIMITS else None
+                if wait_s is None:
+                    raise
+
+                def attempt() -> Coroutine[Any, Any, Reserved]:
+                    return ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+
+                reserved = await self.queue.hold(admitted.tenant, wait_s, err, attempt)
         except ApiError as err:
             return self.refusal(err)
         except Exception as exc:
             self.log_internal_error(exc)
             return self.refusal(ServiceUnavailable())
-        headers = (("x-meshgen-tenant", admitted.tenant), ("x-meshgen-reservation", verdict.reservation or ""))
+        headers: tuple[tuple[str, str], ...] = (
+            ("x-meshgen-tenant", admitted.tenant),
+            ("x-meshgen-reservation", reserved.reservation),
+        )
+        if reserved.downgraded_from is not None:
+            headers += (("x-meshgen-route", reserved.model), ("x-meshgen-downgraded-from", reserved.downgraded_from))
         return _head(200, headers, 0), b""
 
     def refusal(self, err: ApiError) -> tuple[bytes, bytes]:
@@ -173,6 +209,7 @@ class Server:
             "model": err.model,
         }
         self._log.info(json.dumps(line))
+        self.metrics.refused(err.tenant, err.reason if isinstance(err, LimitExceeded) else err.code)
         return _head(err.status, (("content-type", "application/json"), *err.headers), len(body)), body
 
     def log_internal_error(self, exc: BaseException) -> None:
@@ -190,6 +227,7 @@ class _HttpProtocol(asyncio.Protocol):
         "_content_type",
         "_parser",
         "_pending",
+        "_priority",
         "_server",
         "_transport",
         "_url",
@@ -205,6 +243,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._authorization: bytes | None = None
         self._x_api_key: bytes | None = None
         self._content_type: bytes | None = None
+        self._priority: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._body_size = 0
         self._pending: asyncio.Future[None] | None = None
@@ -258,6 +297,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._authorization = None
         self._x_api_key = None
         self._content_type = None
+        if self._priority:
+            self._priority = []
         self._body = []
         self._body_size = 0
 
@@ -275,6 +316,8 @@ class _HttpProtocol(asyncio.Protocol):
         elif name == b"content-type":
             if self._content_type is None:
                 self._content_type = value
+        elif name in self._server.priority_headers:
+            self._priority.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._parser.should_upgrade():  # Upgrade or CONNECT: not something Envoy's ext_authz sends
@@ -301,6 +344,7 @@ class _HttpProtocol(asyncio.Protocol):
             self._x_api_key,
             body[0] if len(body) == 1 else b"".join(body),
             self._content_type,
+            self._priority,
         )
         self._body = []
         if self._parser.should_keep_alive():

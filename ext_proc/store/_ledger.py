@@ -51,6 +51,11 @@ def check_cost(cost: Cost) -> None:
         raise ValueError(f"a cost cannot be negative: {cost}")
 
 
+def check_window(window_end: float, now: float) -> None:
+    if not window_end > now:
+        raise ValueError(f"a mark's window must end after now: window_end={window_end!r}, now={now!r}")
+
+
 def limit_values(limits: Limits) -> dict[Limit, int | None]:
     """Each limit as the integer the windows hold (USD in micro-dollars); None is unlimited."""
     return {

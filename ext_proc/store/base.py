@@ -110,6 +110,13 @@ class Store(Protocol):
         all four kinds, zeros when nothing was counted."""
         ...
 
+    async def mark_once(self, key: str, window_end: float, now: float) -> bool:
+        """True for the first caller to mark `key` (in any process sharing the store) while the mark lasts, False
+        for every other; the mark lasts until `window_end` (epoch seconds, on the caller's clock like `now`), after
+        which the key may be marked again. Atomic. Raises ValueError when `window_end` is not after `now`.
+        Budget alerts use it so that each stage is emitted once per window across replicas."""
+        ...
+
     async def close(self) -> None:
         """Release the connection (SQLite) or the client (Redis: the store owns the client it was given)."""
         ...

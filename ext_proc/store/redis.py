@@ -8,6 +8,9 @@ against every other client. Keys (``prefix`` defaults to ``meshgen:``):
   2 minutes for minute windows, 2 days for day windows; a settle never re-creates an expired window (it skips it).
 - ``{prefix}r:{id}`` — a reservation hash (tenant, model, tokens, usd micro-dollars, created, buckets, state
   open|estimated|exact, and the names of the three windows it was counted in), TTL 2 days from its creation.
+- ``{prefix}m:{key}`` — a ``mark_once`` mark: the end of its window (the caller's clock), TTL until then (at
+  least a second). A mark is taken when absent or ended, in one script, so a fake clock in tests behaves as the
+  real one does.
 - ``{prefix}open`` — sorted set of open reservation ids scored by creation time, for ``expire()``.
 
 The settle and expire scripts touch keys named inside the reservation hash (not passed as KEYS), which standalone
@@ -21,6 +24,7 @@ is this process's CPU (redis-py's command path); settle and used are about the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +112,15 @@ return out
 """
 
 
+# KEYS: the mark. ARGV: window end, now, ttl seconds. Returns 1 when this call took the mark, else 0.
+_MARK = """
+local held = redis.call('GET', KEYS[1])
+if held and tonumber(held) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
+
 class RedisStore:
     """``Store`` on Redis, through redis-py's asyncio client. The store owns the client: :meth:`close` closes it.
     The client may or may not decode responses."""
@@ -119,6 +132,7 @@ class RedisStore:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._expire = client.register_script(_EXPIRE)
+        self._mark = client.register_script(_MARK)
 
     @classmethod
     def from_url(
@@ -198,6 +212,12 @@ class RedisStore:
     async def used(self, tenant: str, now: float) -> dict[Limit, float]:
         values = await self._client.mget(self._windows(tenant, now))
         return L.as_used({kind: 0 if v is None else int(v) for kind, v in zip(L.ORDER, values, strict=True)})
+
+    async def mark_once(self, key: str, window_end: float, now: float) -> bool:
+        L.check_window(window_end, now)
+        ttl = max(1, math.ceil(window_end - now))
+        args: list[str | int] = [repr(float(window_end)), repr(float(now)), ttl]
+        return int(await self._mark(keys=[f"{self._prefix}m:{key}"], args=args)) == 1
 
     async def close(self) -> None:
         await self._client.aclose()

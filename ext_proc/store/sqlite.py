@@ -7,11 +7,11 @@ a thread: measured on ext4 (2 cores), a reserve takes ~40 µs at p50, ~65 µs on
 tail being the WAL checkpoint (an fsync, a few ms every ~150 reserves); settle ~45 µs, used ~16 µs. They block the
 event loop for that long, and for up to ``busy_timeout_s`` if another process holds the write lock.
 
-Tables: ``windows`` (tenant, kind, bucket start, value — USD in micro-dollars) and ``reservations`` (id, tenant,
-model, tokens, usd_micro, created, minute bucket, day bucket, state open|estimated|exact). Clean-up is lazy, in
-``expire()`` (at most once a minute of its ``now``): minute windows ended more than 2 minutes ago, day windows
-ended more than 2 days ago, and settled reservations made more than 2 days ago are deleted — the same horizons
-as the Redis store's TTLs.
+Tables: ``windows`` (tenant, kind, bucket start, value — USD in micro-dollars), ``reservations`` (id, tenant,
+model, tokens, usd_micro, created, minute bucket, day bucket, state open|estimated|exact) and ``marks`` (key, end of
+the window it is marked for: ``mark_once``). Clean-up is lazy, in ``expire()`` (at most once a minute of its
+``now``): minute windows ended more than 2 minutes ago, day windows ended more than 2 days ago, settled reservations
+made more than 2 days ago and marks whose window has ended are deleted — the same horizons as the Redis store's TTLs.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS reservations (
     day_bucket INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('open', 'estimated', 'exact'))
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (
+    key TEXT PRIMARY KEY,
+    window_end REAL NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS open_reservations ON reservations (created) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS reservations_by_created ON reservations (created);
 """
@@ -55,6 +59,11 @@ _ADD = (
     "ON CONFLICT (tenant, kind, bucket) DO UPDATE SET value = value + excluded.value"
 )
 _SHIFT = "UPDATE windows SET value = value + ? WHERE tenant = ? AND kind = ? AND bucket = ?"
+
+_MARK = (
+    "INSERT INTO marks (key, window_end) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET window_end = excluded.window_end WHERE marks.window_end <= ?"
+)
 
 _OPEN = "open"
 
@@ -175,6 +184,7 @@ class SqliteStore:
         conn.execute("DELETE FROM windows WHERE bucket < ? AND kind IN (?, ?)", (minute_cut, *_MINUTE_KINDS))
         conn.execute("DELETE FROM windows WHERE bucket < ? AND kind IN (?, ?)", (day_cut, *_DAY_KINDS))
         conn.execute("DELETE FROM reservations WHERE created < ? AND state != ?", (now - L.KEEP_S, _OPEN))
+        conn.execute("DELETE FROM marks WHERE window_end <= ?", (now,))
 
     async def used(self, tenant: str, now: float) -> dict[Limit, float]:
         return self.used_sync(tenant, now)
@@ -187,6 +197,16 @@ class SqliteStore:
             row = self._conn.execute(_WINDOW, (tenant, kind.value, buckets[kind])).fetchone()
             current[kind] = 0 if row is None else int(row[0])
         return L.as_used(current)
+
+    async def mark_once(self, key: str, window_end: float, now: float) -> bool:
+        return self.mark_once_sync(key, window_end, now)
+
+    def mark_once_sync(self, key: str, window_end: float, now: float) -> bool:
+        """:meth:`mark_once` without the coroutine (what it runs): one upsert that only overwrites an ended mark."""
+        L.check_window(window_end, now)
+        with _immediate(self._conn):
+            cursor = self._conn.execute(_MARK, (key, window_end, now))
+        return cursor.rowcount == 1
 
     async def close(self) -> None:
         self._conn.close()

@@ -12,12 +12,15 @@ from meshgen.policy import model as pm
 GLOBAL_REGION = "global"
 SETTLE_MARGIN_MS = 10_000
 """Beyond the longest request: the access log's flush (0.5 s) and a slow, busy service."""
+QUEUE_MARGIN_MS = 1_000
+"""Beyond the longest non-critical queue wait: the service's last retry and its answer."""
 
 
 def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
     clusters = build_clusters(policy)
     models = build_models(policy)
     longest_ms = max(m.timeout_ms for m in models)
+    longest_wait_ms = max((t.non_critical.queue_max_wait for t in policy.tenants.values() if t.non_critical), default=0)
     return ir.Gateway(
         name=policy.name,
         source=source,
@@ -27,11 +30,13 @@ def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
         tenants=build_tenants(policy),
         slos=build_slos(policy),
         service=ir.Service(
-            timeout_ms=policy.service.timeout,
+            # A held non-critical request is answered only after its wait: the admission call must outlast it.
+            timeout_ms=max(policy.service.timeout, longest_wait_ms + QUEUE_MARGIN_MS if longest_wait_ms else 0),
             failure_mode=policy.service.failure_mode,
             max_request_bytes=policy.service.max_request_bytes,
             store=policy.service.store,
             redis_url=policy.service.redis_url,
+            alert_webhook=policy.service.alert_webhook,
             settle_after_ms=longest_ms + SETTLE_MARGIN_MS,
         ),
         ports=build_ports(policy, clusters),

@@ -151,10 +151,14 @@ class Slo(Frozen):
 
 class Service(Frozen):
     timeout_ms: int
+    """The admission call's timeout (Envoy's ext_authz): the policy's `service.timeout`, raised to the longest
+    non-critical `queue_max_wait` plus a margin when a tenant's requests may be held that long. A maximum, not a
+    delay: every other admission still answers in well under a millisecond."""
     failure_mode: Literal["open", "closed"]
     max_request_bytes: int
     store: Literal["sqlite", "redis"]
     redis_url: str
+    alert_webhook: str | None
     settle_after_ms: int
     """How long after admission a request's usage may still arrive: the longest route timeout plus the access
     log's flush and a margin. Later, its reservation is settled at the estimate."""

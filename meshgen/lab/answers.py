@@ -3,7 +3,10 @@
 Defaults: 200, ``content-type: application/json``, an OpenAI ``chat.completion`` whose ``model`` echoes
 the request's (``usage`` 7 + 3 = 10 tokens); on a ``/messages`` path an Anthropic ``message``
 (``input_tokens`` 7, ``output_tokens`` 3); ``"stream": true`` in a chat-completions body answers SSE
-chunks (a usage chunk only when ``stream_options.include_usage`` is true).
+chunks (a usage chunk only when ``stream_options.include_usage`` is true), and on a ``/messages`` path
+Anthropic's SSE events (``message_start`` with ``input_tokens`` 7 and ``output_tokens`` 1, one
+``content_block_delta`` per word, a ``message_delta`` with the cumulative ``output_tokens`` 3).
+``words=N`` makes the reply N words long (N content chunks); the usage stays 7 + 3.
 An error status answers an OpenAI/Anthropic-style error JSON; ``body=`` answers exactly that body.
 """
 
@@ -64,7 +67,9 @@ def answer(label: str, seq: int, target: str, body: bytes, b: Behaviour) -> tupl
         req = json.loads(body) if body else None
     req = req if isinstance(req, dict) else {}
     model = req.get("model") if isinstance(req.get("model"), str) else "mock-model"
-    text = f"mock reply from {label}"
+    text = f"mock reply from {label}" if b.words is None else " ".join(f"w{i}" for i in range(b.words))
+    if anthropic and req.get("stream") is True:
+        return b.status, [("content-type", "text/event-stream")], anthropic_events(seq, model, text)
     if anthropic:
         msg_obj = {
             "id": f"msg_mock_{seq}",
@@ -105,3 +110,41 @@ def sse_chunks(seq: int, model: str, text: str, req: Mapping[str, Any]) -> bytes
 
     events = [f"data: {json.dumps(c)}\n\n" for c in chunks()] + ["data: [DONE]\n\n"]
     return "".join(events).encode()
+
+
+def anthropic_events(seq: int, model: str, text: str) -> bytes:
+    """Anthropic's streaming shape: usage input in ``message_start``, cumulative output in ``message_delta``."""
+    message: dict[str, Any] = {
+        "id": f"msg_mock_{seq}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 7, "output_tokens": 1},
+    }
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        ("ping", {"type": "ping"}),
+    ]
+    for word in text.split(" "):
+        delta = {"type": "text_delta", "text": word + " "}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 3},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()

@@ -7,6 +7,10 @@ The header is a ``;``-separated list of ``key=value`` items, each optionally sco
     body=<text>           answer exactly this body (content-type JSON if it parses as JSON, else text/plain)
     header.<name>=<text>  add this response header (e.g. ``header.retry-after=1``)
     drop=1                close the connection without answering (an upstream reset for Envoy)
+    chunk_bytes=<int>     write the body in pieces of this many bytes (an SSE event split at odd boundaries)
+    chunk_delay_ms=<int>  pause this long between those pieces, so each reaches Envoy on its own
+    cut=<int>             close the connection after this many body bytes (the full length still announced)
+    words=<int>           a reply of this many words (an SSE stream of as many content chunks)
 
 Values are percent-decoded, so ``%3B`` ``%40`` ``%3D`` ``%25`` write ``;`` ``@`` ``=`` ``%``.
 Precedence, last wins per key: ``up.set()`` overrides (in call order), then unscoped items, then scoped items.
@@ -33,6 +37,10 @@ class Behaviour:
     body: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
     drop: bool = False
+    chunk_bytes: int = 0
+    chunk_delay_ms: int = 0
+    cut: int | None = None
+    words: int | None = None
 
 
 class MockHeaderError(ValueError):
@@ -77,6 +85,17 @@ def apply_item(b: Behaviour, key: str, value: str) -> Behaviour:
             if delay < 0:
                 raise MockHeaderError(f"x-mock: delay_ms must be >= 0, got {delay}")
             return replace(b, delay_ms=delay)
+        if key in {"chunk_bytes", "chunk_delay_ms", "cut", "words"}:
+            number = int(value)
+            if number < 0 or (key in {"chunk_bytes", "words"} and number == 0):
+                raise MockHeaderError(f"x-mock: {key} must be {'> 0' if key != 'cut' else '>= 0'}, got {number}")
+            if key == "chunk_bytes":
+                return replace(b, chunk_bytes=number)
+            if key == "chunk_delay_ms":
+                return replace(b, chunk_delay_ms=number)
+            if key == "cut":
+                return replace(b, cut=number)
+            return replace(b, words=number)
     except ValueError as e:
         if isinstance(e, MockHeaderError):
             raise
@@ -87,7 +106,10 @@ def apply_item(b: Behaviour, key: str, value: str) -> Behaviour:
         return replace(b, headers=(*b.headers, (key[len("header.") :], value)))
     if key == "drop":
         return replace(b, drop=value.lower() in {"1", "true", "yes"})
-    raise MockHeaderError(f"x-mock: unknown key {key!r} (status, delay_ms, body, header.<name>, drop)")
+    raise MockHeaderError(
+        f"x-mock: unknown key {key!r} "
+        "(status, delay_ms, body, header.<name>, drop, chunk_bytes, chunk_delay_ms, cut, words)"
+    )
 
 
 def parse_mock_header(value: str, label: str, base: Behaviour | None = None) -> Behaviour:

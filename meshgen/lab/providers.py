@@ -379,7 +379,13 @@ class MockProviders(Managed):
                 writer.transport.abort()
                 return
             status, out_headers, payload = answer(label, seq, target, body, b)
-            await self._write(writer, status, [*out_headers, *b.headers], payload, keep_alive, label)
+            if b.chunk_bytes or b.cut is not None:
+                await self._write_pieces(writer, status, [*out_headers, *b.headers], payload, keep_alive, label, b)
+                if b.cut is not None:
+                    writer.transport.abort()
+                    return
+            else:
+                await self._write(writer, status, [*out_headers, *b.headers], payload, keep_alive, label)
             if not keep_alive:
                 return
 
@@ -399,6 +405,27 @@ class MockProviders(Managed):
         length = int(headers.get("content-length", "0") or 0)
         return await reader.readexactly(length) if length else b""
 
+    @classmethod
+    async def _write_pieces(
+        cls,
+        writer: asyncio.StreamWriter,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        keep_alive: bool,
+        label: str,
+        b: Behaviour,
+    ) -> None:
+        """Headers (announcing the whole length), then the body in ``chunk_bytes`` pieces, stopping after ``cut``."""
+        await cls._write(writer, status, headers, b"", keep_alive, label, content_length=len(body))
+        sent = body if b.cut is None else body[: b.cut]
+        size = b.chunk_bytes or len(sent) or 1
+        for start in range(0, len(sent), size):
+            if start and b.chunk_delay_ms:
+                await asyncio.sleep(b.chunk_delay_ms / 1000)
+            writer.write(sent[start : start + size])
+            await writer.drain()
+
     @staticmethod
     async def _write(
         writer: asyncio.StreamWriter,
@@ -407,13 +434,15 @@ class MockProviders(Managed):
         body: bytes,
         keep_alive: bool,
         label: str | None = None,
+        *,
+        content_length: int | None = None,
     ) -> None:
         names = {n.lower() for n, _ in headers}
         lines = [f"HTTP/1.1 {status} {reason_phrase(status)}"]
         lines += [f"{n}: {v}" for n, v in headers if n.lower() not in {"content-length", "connection"}]
         if label is not None and "x-served-by" not in names:
             lines.append(f"x-served-by: {label}")
-        lines.append(f"content-length: {len(body)}")
+        lines.append(f"content-length: {len(body) if content_length is None else content_length}")
         lines.append(f"connection: {'keep-alive' if keep_alive else 'close'}")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()

@@ -149,7 +149,9 @@ class ModelSpec(Strict):
     canary: Canary | None = None
     mirror: Mirror | None = None
     downgrade: Name | None = None
-    """Cheaper model served once the tenant's budget is spent. Not yet rendered (token economy issue)."""
+    """Cheaper model served once the tenant's daily budget (USD, else tokens per day) is spent — even when the tenant's
+    `models` do not list it: the downgrade is the operator's policy. Refused (429) when it does not fit the budget
+    either."""
     price: Price | None = None
     """Not yet rendered (token economy issue)."""
     affinity: Affinity | None = None
@@ -169,7 +171,8 @@ class Limits(Strict):
 
 
 class NonCritical(Strict):
-    """Not yet rendered (token economy issue)."""
+    """Requests carrying `header: value` wait up to `queue_max_wait` while the tenant is over its rpm or tpm, instead
+    of a 429 at once (the service holds its admission answer; Envoy's ext_authz timeout is raised to outlast it)."""
 
     header: HeaderName = "x-priority"
     value: str = "low"
@@ -212,12 +215,15 @@ class Service(Strict):
     """The data-plane service (``ext_proc/``) as Envoy sees it."""
 
     timeout: Duration = 250
+    """Envoy's wait for an admission answer; raised to outlast the longest tenant `non_critical.queue_max_wait`."""
     failure_mode: Literal["open", "closed"] = "closed"
     max_request_bytes: int = Field(1_048_576, ge=1024, le=8 * 1024 * 1024)
     """The data-plane service refuses bodies over 8 MiB itself."""
     store: Literal["sqlite", "redis"] = "sqlite"
     """The ledger of tokens and dollars: SQLite for one service process, Redis for several replicas."""
     redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    alert_webhook: str | None = Field(None, pattern=r"^https?://")
+    """Budget stage alerts (each tenant's `alerts_at`) are also POSTed here as JSON, fire-and-forget."""
 
 
 class Lab(Strict):

@@ -20,6 +20,7 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
         "store": gw.service.store,
         "redis_url": gw.service.redis_url,
         "settle_after_ms": gw.service.settle_after_ms,
+        "alert_webhook": gw.service.alert_webhook,
         "models": {
             m.name: {
                 "provider": m.provider,

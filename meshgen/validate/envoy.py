@@ -18,6 +18,7 @@ _EXTENSION_MODULES = (
     "envoy.extensions.access_loggers.stream.v3.stream_pb2",
     "envoy.extensions.clusters.aggregate.v3.cluster_pb2",
     "envoy.extensions.filters.http.ext_authz.v3.ext_authz_pb2",
+    "envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2",
     "envoy.extensions.filters.http.fault.v3.fault_pb2",
     "envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2",
     "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",

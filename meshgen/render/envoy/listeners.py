@@ -11,7 +11,9 @@ Gateway filter order (each position has a reason):
 |   |                         | rate limit, RBAC and route use; the only blocking Python call                   |
 | 3 | local_ratelimit         | per-tenant RPM, needs the tenant header from (2)                                |
 | 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
-| 5 | router                  | routes on the model, retries, hedges, mirrors                                   |
+| 5 | ext_proc (gRPC)         | only on streaming and re-routed routes (filters/ext_proc.py): counts SSE usage, |
+|   |                         | rewrites the body's model; off everywhere else, so no stream is opened          |
+| 6 | router                  | routes on the model, retries, hedges, mirrors                                   |
 
 On the way back json_to_metadata lifts a JSON response's usage and served model into `meshgen.resp`; the gRPC access
 log (access_log.py) takes them, with the reservation ext_authz answered, to the data-plane service.
@@ -25,6 +27,7 @@ from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import usage_access_log
 from meshgen.render.envoy.clusters import affinity_headers, direct_name
 from meshgen.render.envoy.filters.ext_authz import ext_authz_filter
+from meshgen.render.envoy.filters.ext_proc import ext_proc_filter
 from meshgen.render.envoy.filters.fault import fault_filter
 from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
 from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
@@ -142,6 +145,7 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         ext_authz_filter(gw),
         *([limiter] if limiter else []),
         rbac_filter(gw),
+        ext_proc_filter(),
         # No x-envoy-* debugging headers from us to providers or back to clients.
         filter_("envoy.filters.http.router", ROUTER, {"suppress_envoy_headers": True}),
     ]

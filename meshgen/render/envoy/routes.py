@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from meshgen.ir import model as ir
+from meshgen.render.envoy.filters import ext_proc
 from meshgen.render.envoy.types import (
     CLIENT_KEY_HEADERS,
     META_NS,
@@ -113,35 +114,61 @@ def _route(name: str, match: dict[str, Any], action: dict[str, Any]) -> dict[str
     return {"name": name, "match": {"prefix": "/", **match}, "route": action}
 
 
+_IS_STREAM = {"filter": META_NS, "path": [{"key": "stream"}], "value": {"bool_match": True}}
+
+
+def _with_stream(route: dict[str, Any], schema: ext_proc.Schema, *, rewrite: bool = False) -> list[dict[str, Any]]:
+    """`route` preceded by its streaming twin (body `stream: true`): the same action with ext_proc counting the SSE
+    usage (and rewriting the body on a re-route, which then also needs the plain route's rewrite)."""
+    match = route["match"]
+    stream = {
+        "name": f"{route['name']}.stream",
+        "match": match | {"dynamic_metadata": [*match.get("dynamic_metadata", ()), _IS_STREAM]},
+        "route": route["route"],
+        "typed_per_filter_config": ext_proc.on(schema, count=True, rewrite=rewrite),
+    }
+    if rewrite:
+        route = route | {"typed_per_filter_config": ext_proc.on(schema, count=False, rewrite=True)}
+    return [stream, route]
+
+
 def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     chains = dict(region.chains)
     # The service's re-route answer (a budget downgrade) outranks the body, so these come first.
+    # The body names the original model: ext_proc rewrites it to the target's (ext_proc.py).
     routes = [
-        _route(
-            f"model.{m.name}.routed",
-            {"headers": [{"name": ROUTE_HEADER, "string_match": {"exact": m.name}}]},
-            route_action(m, chains, canary=False),
-        )
+        route
         for m in gw.models
         if m.name in gw.downgrade_targets
+        for route in _with_stream(
+            _route(
+                f"model.{m.name}.routed",
+                {"headers": [{"name": ROUTE_HEADER, "string_match": {"exact": m.name}}]},
+                route_action(m, chains, canary=False),
+            ),
+            m.schema_,
+            rewrite=True,
+        )
     ]
     for m in gw.models:
         if m.canary and m.canary.header_name:
             header = {"name": m.canary.header_name, "string_match": {"exact": m.canary.header_value}}
             beta = gw.model(m.canary.model)
-            routes.append(
+            routes += _with_stream(
                 _route(
                     f"model.{m.name}.beta",
                     {"headers": [header], "dynamic_metadata": [_body_model_is(m.name)]},
                     route_action(beta, chains, canary=False),
-                )
+                ),
+                beta.schema_,
             )
-        routes.append(
+        routes += _with_stream(
             _route(
                 f"model.{m.name}.canary" if m.canary else f"model.{m.name}",
                 {"dynamic_metadata": [_body_model_is(m.name)]},
                 route_action(m, chains, canary=True),
-            )
+            ),
+            m.schema_,
         )
     routes.append(
         {
@@ -192,6 +219,8 @@ def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
                     "x-envoy-external-address",
                 ],
                 **shared,
+                # ext_proc opens a stream only where a route turns it on (streams, re-routes).
+                "typed_per_filter_config": ext_proc.off(),
                 "routes": routes,
             }
         ],

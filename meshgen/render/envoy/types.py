@@ -22,6 +22,8 @@ TENANT_HEADER = "x-meshgen-tenant"
 """The tenant the data-plane service admitted the request for."""
 RESERVATION_HEADER = "x-meshgen-reservation"
 """The reservation the data-plane service made at admission; the usage in the access log settles it."""
+DOWNGRADED_HEADER = "x-meshgen-downgraded-from"
+"""The model the client asked for, on a response the service downgraded (to the client)."""
 MIRROR_HEADER = "x-meshgen-mirror"
 """Marks the shadow leg so it is never billed."""
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")

@@ -305,3 +305,57 @@ def test_50_concurrent_reserves_never_exceed_tpm(open_store: OpenStore) -> None:
             assert (await two.used("b", T))[Limit.TPM] == (limit // 30) * 30
 
     asyncio.run(main())
+
+
+# ---- mark_once: a budget stage is emitted once per window, across replicas ---------------------------
+
+
+def test_mark_once_first_caller_only(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        end = DAY0 + DAY_S
+        assert await s.mark_once("alert:acme:0.8", end, T) is True
+        assert await s.mark_once("alert:acme:0.8", end, T + 1) is False
+        assert await s.mark_once("alert:acme:0.8", end, end - 0.5) is False
+        assert await s.mark_once("alert:acme:0.9", end, T) is True  # another key
+        assert await s.mark_once("alert:other:0.8", end, T) is True
+
+    run(open_store, scenario)
+
+
+def test_mark_once_again_after_its_window_ends(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        end = DAY0 + DAY_S
+        assert await s.mark_once("k", end, T) is True
+        assert await s.mark_once("k", end + DAY_S, end) is True  # the old mark ended at `end`
+        assert await s.mark_once("k", end + DAY_S, end + 1) is False
+
+    run(open_store, scenario)
+
+
+def test_mark_once_needs_a_window_after_now(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        with pytest.raises(ValueError, match="after now"):
+            await s.mark_once("k", T, T)
+        assert await s.mark_once("k", T + 1, T) is True  # nothing was marked by the refused call
+
+    run(open_store, scenario)
+
+
+def test_mark_once_is_shared_by_stores_on_one_ledger(open_store: OpenStore) -> None:
+    async def main() -> None:
+        async with open_store() as a, open_store() as b:
+            end = DAY0 + DAY_S
+            assert await b.mark_once("k", end, T) is True
+            assert await a.mark_once("k", end, T) is False
+
+    asyncio.run(main())
+
+
+def test_mark_once_concurrent_callers_one_winner(open_store: OpenStore) -> None:
+    async def main() -> None:
+        async with open_store() as a, open_store() as b:
+            end = DAY0 + DAY_S
+            calls = [s.mark_once("race", end, T) for s in (a, b) for _ in range(20)]
+            assert sorted(await asyncio.gather(*calls)) == [False] * 39 + [True]
+
+    asyncio.run(main())

@@ -12,6 +12,7 @@ from meshgen.ir import model as ir
 from meshgen.render.envoy.types import (
     API,
     CLIENT_KEY_HEADERS,
+    DOWNGRADED_HEADER,
     RESERVATION_HEADER,
     ROUTE_HEADER,
     TENANT_HEADER,
@@ -42,7 +43,8 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                 },
                 "path_prefix": PATH_PREFIX,
                 "authorization_response": {
-                    "allowed_upstream_headers": {"patterns": _exact(TENANT_HEADER, ROUTE_HEADER)},
+                    # The reservation too, so ext_proc (streams) reads it; the router strips all three (routes.py).
+                    "allowed_upstream_headers": {"patterns": _exact(TENANT_HEADER, ROUTE_HEADER, RESERVATION_HEADER)},
                     # The tenant and the reservation outlive the headers (neither reaches a provider) as metadata
                     # (namespace envoy.filters.http.ext_authz), for the access logs; the gRPC one settles the
                     # reservation with the response's usage.
@@ -50,6 +52,8 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                     "allowed_client_headers": {
                         "patterns": [*_exact("content-type", "retry-after"), {"prefix": "x-ratelimit-"}]
                     },
+                    # A downgrade tells the client which model it asked for.
+                    "allowed_client_headers_on_success": {"patterns": _exact(DOWNGRADED_HEADER)},
                 },
             },
             "allowed_headers": {"patterns": _exact(*CLIENT_KEY_HEADERS, "content-type", *priority_headers)},

@@ -1,0 +1,252 @@
+"""Envoy's ext_proc (gRPC, ``envoy.service.ext_proc.v3.ExternalProcessor``) for the few requests whose body must be
+streamed or rewritten. Every other request never opens a stream here (the filter is disabled at the HCM and only
+enabled per route: PERF-FACTS.md, a gRPC stream into Python costs ~0.3 ms of CPU).
+
+What a stream does is set per route by Envoy, in the stream's initial gRPC metadata:
+
+- ``x-meshgen-jobs``: ``count`` (a streaming request: count its SSE usage and settle the reservation), ``rewrite``
+  (a budget downgrade re-routed by the ``x-meshgen-route`` header: the body's ``model`` becomes the target model's
+  ``upstream_name``), or both, comma-separated;
+- ``x-meshgen-schema``: ``openai`` or ``anthropic`` (the route's provider).
+
+Messages, per request:
+
+1. request headers (SEND): the reservation (``x-meshgen-reservation``, allowed through by ext_authz) and the route
+   header; answered at once, unchanged.
+2. request body (BUFFERED, only where configured: OpenAI streams and rewrites): ``model`` rewritten, and for an
+   OpenAI stream ``stream_options.include_usage`` set so the provider reports usage; content-length follows the
+   new body (ENVOY-FACTS §2: a body mutated without it is a local 500).
+3. response body (STREAMED, ``count`` only): each chunk passes on as it came (or without the usage event the client
+   did not ask for, :mod:`ext_proc.sse`). At ``end_of_stream`` the reservation is settled with the provider's
+   usage; when it never came — the stream was cut (Envoy closes our stream without ``end_of_stream``,
+   ENVOY-FACTS §6) or carried no usage — the output is counted from the streamed text with the tokenizer and the
+   settle is marked estimated. A stream that never produced an event is left to the access log (an error status
+   releases the reservation) or the sweep (the reserved estimate).
+
+Settling runs in a task of its own: it never delays a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Final, Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from ext_proc.config import ServiceConfig
+from ext_proc.sse import SseCounter
+from ext_proc.tokens import estimate_prompt_tokens
+
+__all__ = ["JOBS_KEY", "SCHEMA_KEY", "ExternalProcessor", "Settle", "rewrite_request"]
+
+JOBS_KEY: Final = "x-meshgen-jobs"
+SCHEMA_KEY: Final = "x-meshgen-schema"
+_RESERVATION: Final = "x-meshgen-reservation"
+_ROUTE: Final = "x-meshgen-route"
+
+
+class Settle(Protocol):
+    """Settle one streamed request's reservation. ``served_model`` is the provider's model name from the stream
+    (None when it named none); ``estimated`` when the counts are the tokenizer's, not the provider's."""
+
+    def __call__(
+        self, reservation: str, served_model: str | None, input_tokens: int, output_tokens: int, estimated: bool
+    ) -> Awaitable[object]: ...
+
+
+def rewrite_request(
+    body: bytes, *, model: str | None, ask_usage: bool
+) -> tuple[bytes | None, dict[str, Any] | None, bool]:
+    """The request body with ``model`` replaced (when given) and, with ``ask_usage``, OpenAI's
+    ``stream_options.include_usage`` turned on.
+
+    Returns (new body or None when unchanged, the parsed request or None when not a JSON object, whether the client
+    had asked for include_usage itself)."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None, False
+    if not isinstance(request, dict):
+        return None, None, False
+    options = request.get("stream_options")
+    asked = isinstance(options, dict) and options.get("include_usage") is True
+    changed = False
+    if model is not None and request.get("model") != model:
+        request["model"] = model
+        changed = True
+    if ask_usage and not asked:
+        request["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        changed = True
+    if not changed:
+        return None, request, asked
+    return json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode(), request, asked
+
+
+def _header(headers: Any, name: str) -> str | None:
+    for h in headers.headers.headers:
+        if h.key == name:
+            return h.raw_value.decode("latin-1") if h.raw_value else str(h.value)
+    return None
+
+
+def _set_header(name: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode("latin-1")),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+_CONTINUE_HEADERS: Final = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_REQUEST_BODY: Final = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY: Final = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+class _Stream:
+    """One request's state across its messages."""
+
+    __slots__ = ("counter", "count", "request", "reservation", "rewrite_to", "schema", "settled")
+
+    def __init__(self, schema: str, count: bool) -> None:
+        self.schema = schema
+        self.count = count
+        self.reservation: str | None = None
+        self.rewrite_to: str | None = None
+        self.request: dict[str, Any] | None = None
+        self.counter = SseCounter(schema)
+        self.settled = False
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """``ExternalProcessor/Process``: one gRPC stream per request on the routes that enable the filter."""
+
+    def __init__(self, config: ServiceConfig, settle: Settle, *, logger: logging.Logger | None = None) -> None:
+        self._upstream_names: dict[str, str] = {name: m.upstream_name for name, m in config.models.items()}
+        self._settle = settle
+        self._log = logger or logging.getLogger("ext_proc")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def Process(  # noqa: N802 (the gRPC method's name)
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        metadata: Mapping[str, str] = dict(context.invocation_metadata() or ())
+        jobs = {j.strip() for j in str(metadata.get(JOBS_KEY, "count")).split(",")}
+        stream = _Stream(str(metadata.get(SCHEMA_KEY, "openai")), "count" in jobs)
+        rewrite = "rewrite" in jobs
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if kind == "request_headers":
+                    stream.reservation = _header(message.request_headers, _RESERVATION)
+                    if rewrite:
+                        route = _header(message.request_headers, _ROUTE)
+                        stream.rewrite_to = self._upstream_names.get(route or "")
+                    yield _CONTINUE_HEADERS
+                elif kind == "request_body":
+                    yield self._request_body(stream, message.request_body)
+                elif kind == "response_headers":
+                    yield _CONTINUE_RESPONSE_HEADERS
+                elif kind == "response_body":
+                    body = message.response_body
+                    yield self._response_body(stream, body)
+                    if body.end_of_stream:
+                        self._finish(stream, cut=False)
+                        return
+                elif kind == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif kind == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                    self._finish(stream, cut=False)
+                    return
+        finally:
+            self._finish(stream, cut=True)  # no-op after a clean end
+
+    def _request_body(self, stream: _Stream, body: Any) -> Any:
+        ask_usage = stream.count and stream.schema == "openai"
+        new, request, asked = rewrite_request(body.body, model=stream.rewrite_to, ask_usage=ask_usage)
+        stream.request = request
+        if ask_usage and not asked:
+            stream.counter.hide_usage = True
+        if new is None:
+            return _CONTINUE_REQUEST_BODY
+        common = pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[_set_header("content-length", str(len(new)))]),
+            body_mutation=pb.BodyMutation(body=new),
+        )
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _response_body(self, stream: _Stream, body: Any) -> Any:
+        if not stream.count:
+            return _CONTINUE_RESPONSE_BODY
+        chunk = body.body
+        out = stream.counter.feed(chunk)
+        if body.end_of_stream:
+            tail = stream.counter.finish()
+            if tail:
+                out = out + tail
+        if out is chunk:
+            return _CONTINUE_RESPONSE_BODY
+        mutation = pb.BodyMutation(body=out) if out else pb.BodyMutation(clear_body=True)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+
+    def _finish(self, stream: _Stream, *, cut: bool) -> None:
+        if stream.settled or not stream.count:
+            return
+        stream.settled = True
+        counter = stream.counter
+        if stream.reservation is None or counter.events == 0:
+            return  # nothing streamed: the access log (error status) or the sweep (reserved estimate) settles it
+        # OpenAI's usage is the stream's last event: once it came, a cut after it changes nothing. Anthropic's
+        # output count grows with every message_delta, so only a whole stream's is final.
+        if counter.has_usage and (not cut or stream.schema == "openai"):
+            assert counter.input_tokens is not None and counter.output_tokens is not None
+            self._spawn(stream.reservation, counter.model, counter.input_tokens, counter.output_tokens, False)
+            return
+        input_tokens = counter.input_tokens
+        if input_tokens is None and stream.request is not None:
+            input_tokens = estimate_prompt_tokens(stream.request)
+        if input_tokens is None:
+            self._log.info(json.dumps({"event": "stream_unsettled", "reservation": stream.reservation}))
+            return  # the sweep settles it at the reserved estimate
+        output_tokens = counter.output_tokens if counter.has_usage and counter.output_tokens is not None else 0
+        output_tokens = max(output_tokens, counter.estimated_output_tokens())
+        self._spawn(stream.reservation, counter.model, input_tokens, output_tokens, True)
+
+    def _spawn(
+        self, reservation: str, model: str | None, input_tokens: int, output_tokens: int, estimated: bool
+    ) -> None:
+        line = {
+            "event": "stream_settled",
+            "reservation": reservation,
+            "model": model,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "estimated": estimated,
+        }
+        self._log.info(json.dumps(line))
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(reservation, model, input_tokens, output_tokens, estimated)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(
+        self, reservation: str, model: str | None, input_tokens: int, output_tokens: int, estimated: bool
+    ) -> None:
+        try:
+            await self._settle(reservation, model, input_tokens, output_tokens, estimated)
+        except Exception as exc:  # noqa: BLE001 (a failed settle leaves the reservation to the sweep)
+            frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
+            line = {"event": "stream_settle_error", "reservation": reservation, "error": type(exc).__name__}
+            self._log.error(json.dumps(line | {"stack": frames}))
+
+    async def drain(self) -> None:
+        """Wait for the settles under way (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

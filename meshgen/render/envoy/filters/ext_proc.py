@@ -1,0 +1,77 @@
+"""ext_proc (gRPC) into the data-plane service, only on the routes whose body must be streamed or rewritten.
+
+A gRPC stream into Python costs ~0.3 ms of CPU per request (../shared/PERF-FACTS.md), so no other route opens one:
+the virtual host turns the filter off (`ExtProcPerRoute.disabled`) and only these routes turn it on, each with its
+own processing mode and the job named in the stream's initial metadata (ext_proc/processor.py):
+
+| route                    | job            | request body | response body | failure mode                          |
+|--------------------------|----------------|--------------|---------------|---------------------------------------|
+| `model.<m>.stream`       | count          | BUFFERED for | STREAMED      | open: a broken counter never breaks a |
+|                          |                | OpenAI (ask  |               | stream; the reservation then settles  |
+|                          |                | for usage)   |               | as estimated                          |
+| `model.<m>.routed`       | rewrite        | BUFFERED     | none          | closed: a downgrade must not reach    |
+|                          |                |              |               | the cheaper provider as the dear model|
+| `model.<m>.routed.stream`| rewrite, count | BUFFERED     | STREAMED      | closed                                |
+
+Why `ExtProcPerRoute` and not `HttpFilter.disabled` + a route's `FilterConfig`: Envoy picks the HCM-disabled filters
+to run when it builds the filter chain, from the route matched on the request headers alone — before
+json_to_metadata has read `stream` from the body and before ext_authz's answer re-selects the route (not measured
+here; read from Envoy's filter manager). The ext_proc filter reads its own per-route config when it runs, on the
+route as re-selected; tests/behaviour/test_streaming.py shows streams opened only on these routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from meshgen.render.envoy.access_log import ALS_CLUSTER
+from meshgen.render.envoy.types import API, filter_
+
+NAME = "envoy.filters.http.ext_proc"
+PER_ROUTE = f"{API}.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+MESSAGE_TIMEOUT = "0.3s"
+JOBS_KEY = "x-meshgen-jobs"
+SCHEMA_KEY = "x-meshgen-schema"
+
+Schema = Literal["openai", "anthropic"]
+
+
+def _mode(*, request_body: bool, response_body: bool) -> dict[str, Any]:
+    return {
+        "request_header_mode": "SEND",  # the reservation and route headers; a body reply may only mutate then
+        "request_body_mode": "BUFFERED" if request_body else "NONE",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "STREAMED" if response_body else "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+
+
+def ext_proc_filter() -> dict[str, Any]:
+    """The filter, placed after RBAC; it does nothing where the route does not turn it on."""
+    return filter_(
+        NAME,
+        f"{API}.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        {
+            "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
+            "failure_mode_allow": True,
+            "message_timeout": MESSAGE_TIMEOUT,
+            "processing_mode": _mode(request_body=True, response_body=True),
+        },
+    )
+
+
+def off() -> dict[str, Any]:
+    """The virtual host's default: no stream."""
+    return {NAME: {"@type": PER_ROUTE, "disabled": True}}
+
+
+def on(schema: Schema, *, count: bool, rewrite: bool) -> dict[str, Any]:
+    """A route's `typed_per_filter_config` turning the filter on for its job."""
+    jobs = ",".join(j for j, wanted in (("rewrite", rewrite), ("count", count)) if wanted)
+    overrides = {
+        "processing_mode": _mode(request_body=rewrite or schema == "openai", response_body=count),
+        "grpc_initial_metadata": [{"key": JOBS_KEY, "value": jobs}, {"key": SCHEMA_KEY, "value": schema}],
+        "failure_mode_allow": not rewrite,
+    }
+    return {NAME: {"@type": PER_ROUTE, "overrides": overrides}}

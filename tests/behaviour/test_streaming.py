@@ -1,0 +1,202 @@
+"""Streams counted through the real path: Envoy's ext_proc (on streaming routes only) into the real service, which
+passes every SSE chunk on, reads the provider's usage out of it and settles the reservation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from ext_proc.store.base import Limit
+from ext_proc.tokens import count_text
+from meshgen.compile import compile_gateway
+from meshgen.ir.model import Gateway, Limits
+from tests.behaviour.conftest import DEV_KEY, POLICY, TEAM_KEY, Running, chat, running_gateway
+from tests.behaviour.test_accounting import used, wait_until_used
+
+DEV_UPSTREAM = "provider.backup.*"
+CLAUDE_UPSTREAM = "provider.claude.*"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with running_gateway(compile_gateway(POLICY), tmp_path_factory.mktemp("streaming")) as running:
+        yield running
+
+
+def stream(
+    lab: Running,
+    body: Mapping[str, Any],
+    *,
+    key: str = DEV_KEY,
+    path: str = "/v1/chat/completions",
+    mock: str | None = None,
+) -> tuple[int, bytes, bool]:
+    """POST a streaming request; (status, the body as far as it came, whether it came whole)."""
+    conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    if mock:
+        headers["x-mock"] = mock
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        response = conn.getresponse()
+        try:
+            return response.status, response.read(), True
+        except http.client.IncompleteRead as cut:
+            return response.status, cut.partial, False
+    finally:
+        conn.close()
+
+
+def events(body: bytes) -> list[Any]:
+    return [
+        json.loads(line[6:])
+        for line in body.decode().split("\n")
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def settled_logs(lab: Running, start: int) -> list[dict[str, Any]]:
+    return [e for e in lab_service_logs(lab, start) if e.get("event") == "stream_settled"]
+
+
+def lab_service_logs(lab: Running, start: int) -> list[dict[str, Any]]:
+    assert lab.service is not None
+    return [json.loads(line) for line in lab.service.lines[start:] if line.startswith("{")]
+
+
+def wait_settled(lab: Running, start: int, n: int = 1) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 5
+    while len(found := settled_logs(lab, start)) < n:
+        assert time.monotonic() < deadline, f"no stream_settled in {lab.service.lines[start:]}"
+        time.sleep(0.05)
+    return found
+
+
+def test_an_openai_stream_is_counted_exactly_and_the_client_sees_no_usage_it_did_not_ask_for(lab: Running) -> None:
+    before, mark = used(lab, "dev"), len(lab.service.lines)
+    status, body, whole = stream(lab, chat("dev-model", stream=True, max_tokens=300))
+    assert (status, whole) == (200, True)
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert all("usage" not in e for e in events(body)), body
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in events(body)).startswith("mock reply")
+    upstream = lab.upstream.requests(DEV_UPSTREAM)[-1].json()
+    assert upstream["stream_options"] == {"include_usage": True}
+    wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + 10)  # 7 + 3, the mock's usage, not 300 + prompt
+    [log] = wait_settled(lab, mark)
+    assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
+
+
+def test_a_client_that_asked_for_usage_sees_it(lab: Running) -> None:
+    before = used(lab, "dev")
+    options = {"include_usage": True}
+    status, body, _ = stream(lab, chat("dev-model", stream=True, stream_options=options))
+    assert status == 200
+    assert events(body)[-1]["usage"]["completion_tokens"] == 3
+    assert lab.upstream.requests(DEV_UPSTREAM)[-1].json()["stream_options"] == options
+    wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + 10)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 33])
+def test_events_split_at_odd_byte_boundaries_are_counted_and_passed_on_intact(lab: Running, piece: int) -> None:
+    mark = len(lab.service.lines)
+    mock = f"chunk_bytes={piece};chunk_delay_ms=1"
+    status, body, whole = stream(lab, chat("dev-model", stream=True), mock=mock)
+    assert (status, whole) == (200, True)
+    assert all("usage" not in e for e in events(body))
+    assert body.endswith(b"data: [DONE]\n\n")
+    [log] = wait_settled(lab, mark)
+    assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
+
+
+def test_an_anthropic_stream_counts_input_from_message_start_and_the_cumulative_output(lab: Running) -> None:
+    before, mark = used(lab, "team"), len(lab.service.lines)
+    body = chat("claude-model", stream=True, max_tokens=200)
+    status, answer, whole = stream(lab, body, key=TEAM_KEY, path="/v1/messages", mock="chunk_bytes=19;chunk_delay_ms=1")
+    assert (status, whole) == (200, True)
+    assert b"event: message_stop" in answer
+    assert "stream_options" not in lab.upstream.requests(CLAUDE_UPSTREAM)[-1].json()  # the body went as sent
+    [log] = wait_settled(lab, mark)
+    # message_start says output 1, message_delta 3 in all: the last, not the sum.
+    assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
+    wait_until_used(lab, "team", Limit.TPD, before[Limit.TPD] + 10)
+
+
+def test_a_stream_cut_midway_is_settled_as_estimated_from_what_was_streamed(lab: Running) -> None:
+    mark = len(lab.service.lines)
+    status, body, whole = stream(
+        lab, chat("dev-model", stream=True), mock="words=40;chunk_bytes=64;chunk_delay_ms=2;cut=900"
+    )
+    assert status == 200
+    assert not whole
+    [log] = wait_settled(lab, mark)
+    assert log["estimated"] is True
+    whole_events = events(body[: body.rfind(b"\n\n")])
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in whole_events)
+    assert streamed.startswith("w0 w1") and not streamed.endswith("w39 ")
+    assert log["output_tokens"] == count_text(streamed)
+
+
+def test_a_json_request_opens_no_ext_proc_stream(lab: Running) -> None:
+    before = lab.envoy.stats("http.gateway_us-east.ext_proc").get("http.gateway_us-east.ext_proc.streams_started", 0)
+    assert lab.post(chat("dev-model"), key=DEV_KEY).status == 200
+    assert (
+        lab.envoy.stats("http.gateway_us-east.ext_proc").get("http.gateway_us-east.ext_proc.streams_started", 0)
+        == before
+    )
+
+
+# ---- a budget downgrade: the real service re-routes, ext_proc rewrites the body's model -------------------------
+def spent_budget(gw: Gateway) -> Gateway:
+    """Tenant `team` has no dollars left today and failover-model has a price: the service downgrades it to
+    eject-model (free), whose provider knows it as `eject-model-2024`."""
+    models = tuple(
+        m.model_copy(update={"price_input_per_mtok": 1.0, "price_output_per_mtok": 1.0})
+        if m.name == "failover-model"
+        else m.model_copy(update={"upstream_name": "eject-model-2024"})
+        if m.name == "eject-model"
+        else m
+        for m in gw.models
+    )
+    tenants = tuple(
+        t.model_copy(update={"limits": Limits(rpm=None, tpm=None, tpd=None, usd_per_day=0.0)})
+        if t.name == "team"
+        else t
+        for t in gw.tenants
+    )
+    return gw.model_copy(update={"models": models, "tenants": tenants})
+
+
+@pytest.fixture(scope="module")
+def spent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with running_gateway(spent_budget(compile_gateway(POLICY)), tmp_path_factory.mktemp("spent")) as running:
+        yield running
+
+
+def test_a_downgraded_request_reaches_the_cheaper_provider_with_its_model_in_the_body(spent: Running) -> None:
+    reply = spent.post(chat("failover-model", max_tokens=50))
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-meshgen-downgraded-from"] == "failover-model"
+    [received] = spent.upstream.requests("provider.flaky.*")
+    assert received.json()["model"] == "eject-model-2024"
+    assert int(received.headers["content-length"]) == len(received.body)
+    assert "x-meshgen-route" not in received.headers and "x-meshgen-reservation" not in received.headers
+    assert spent.upstream.count("provider.primary.*") == 0
+
+
+def test_a_downgraded_stream_is_rewritten_and_counted(spent: Running) -> None:
+    assert spent.service is not None
+    mark = len(spent.service.lines)
+    spent.upstream.clear()
+    status, body, whole = stream(spent, chat("failover-model", stream=True), key=TEAM_KEY)
+    assert (status, whole) == (200, True)
+    assert all("usage" not in e for e in events(body))
+    [received] = spent.upstream.requests("provider.flaky.*")
+    assert received.json()["model"] == "eject-model-2024"
+    assert received.json()["stream_options"] == {"include_usage": True}
+    [log] = wait_settled(spent, mark)
+    assert (log["model"], log["input_tokens"], log["output_tokens"]) == ("eject-model-2024", 7, 3)
