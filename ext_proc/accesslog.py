@@ -69,6 +69,8 @@ class UsageRecord:
     has_usage: bool
     """False when the response carried no usage (an error, an SSE stream, a non-JSON body): tokens are then 0
     and the reservation should be settled some other way (released, or by the streaming path)."""
+    estimated: bool = False
+    """Counted by us (a stream cut before its usage, with the tokenizer), not reported by the provider."""
 
 
 OnUsage = Callable[[UsageRecord], Awaitable[object]]

@@ -32,7 +32,7 @@ from ext_proc.budget import BudgetAlerts
 from ext_proc.config import ModelConfig, ServiceConfig
 from ext_proc.errors import BudgetExceeded, LimitExceeded
 from ext_proc.metrics import Metrics
-from ext_proc.store.base import MINUTE_S, Cost, Limit, Limits, Settled, Store, Verdict
+from ext_proc.store.base import MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Store, Verdict
 from ext_proc.tokens import estimate_prompt_tokens
 
 __all__ = ["Ledger", "Reserved"]
@@ -144,9 +144,10 @@ class Ledger:
         return error(message, tenant=tenant, model=model, headers=headers, limit=refused_by.value)
 
     async def settle(self, usage: UsageRecord) -> Settled | None:
-        """The exact count replaces the reservation, priced as the model that served it. A failed request the
+        """The count replaces the reservation, priced as the model that served it: exact from the provider, or
+        estimated (a cut stream counted with the tokenizer; never replaces an exact count). A failed request the
         provider answered without usage is billed nothing; a successful one without usage stays open until the
-        sweep settles it as estimated."""
+        sweep settles it at its reservation."""
         if usage.has_usage:
             spec = self._by_upstream.get(usage.served_model or usage.request_model or "")
             tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
@@ -157,9 +158,13 @@ class Ledger:
         else:
             return None
         now = self._clock()
-        settled = await self._store.settle(usage.reservation, cost, now)
+        state = SettleState.ESTIMATED if usage.estimated else SettleState.EXACT
+        settled = await self._store.settle(usage.reservation, cost, now, state)
         if settled is not None:
-            self.metrics.settled_exact(settled.tenant, settled.model, tokens_in, tokens_out, cost.usd)
+            if usage.estimated:
+                self.metrics.settled_estimated(settled.tenant, settled.model, cost.tokens, cost.usd)
+            else:
+                self.metrics.settled_exact(settled.tenant, settled.model, tokens_in, tokens_out, cost.usd)
             await self._observe(settled.tenant, now)
         return settled
 

@@ -105,15 +105,11 @@ async def _sweep(ledger: Ledger, logger: logging.Logger) -> None:
 
 
 def stream_settle(ledger: Ledger) -> Settle:
-    """The streaming path's settle → :meth:`Ledger.settle`. An estimated count (a stream cut or without usage) is
-    not written yet: the ledger cannot mark a settle estimated, so the sweep settles that reservation at its
-    reserved estimate (marked estimated, never below what the provider billed); the processor logs the estimate."""
+    """The streaming path's settle → :meth:`Ledger.settle`; a cut stream's tokenizer count is marked estimated."""
 
     async def settle(
         reservation: str, served_model: str | None, input_tokens: int, output_tokens: int, estimated: bool
     ) -> object:
-        if estimated:
-            return None
         usage = UsageRecord(
             reservation=reservation,
             tenant=None,
@@ -123,6 +119,7 @@ def stream_settle(ledger: Ledger) -> Settle:
             output_tokens=output_tokens,
             status=200,
             has_usage=True,
+            estimated=estimated,
         )
         return await ledger.settle(usage)
 

@@ -88,10 +88,14 @@ class Store(Protocol):
         counted, so usage stays visible. The reservation id is random (not derived from the time)."""
         ...
 
-    async def settle(self, reservation: str, cost: Cost, now: float) -> Settled | None:
+    async def settle(
+        self, reservation: str, cost: Cost, now: float, state: SettleState = SettleState.EXACT
+    ) -> Settled | None:
         """Replace the reservation's counted cost with `cost` (exact) in the windows it was counted in.
         Idempotent for the same exact cost; an exact settle after an estimated one replaces the estimate.
-        None if the reservation is unknown (never made, or older than the store keeps).
+        None if the reservation is unknown (never made, or older than the store keeps). With `state` ESTIMATED
+        (a stream cut before its usage, counted with the tokenizer) it replaces an open or estimated count but never
+        an exact one: then nothing changes and the result is None.
 
         The delta goes to the windows of the reservation's own minute and day, even when they are no longer
         current; a window the store no longer keeps is skipped (never re-created). The request count is not

@@ -70,13 +70,14 @@ redis.call('ZADD', KEYS[6], ARGV[13], ARGV[10])
 return {1, 0, cur[1], cur[2], cur[3], cur[4]}
 """
 
-# KEYS: reservation hash, open set. ARGV: tokens, usd micro, id.
+# KEYS: reservation hash, open set. ARGV: tokens, usd micro, id, state (exact|estimated).
 # Returns nil (unknown) or {tenant, model, changed 0|1}.
 _SETTLE = """
 local h = redis.call('HMGET', KEYS[1], 'tenant', 'model', 'tokens', 'usd', 'state', 'w_tpm', 'w_tpd', 'w_usd')
 if not h[1] then return false end
 local tokens, usd = tonumber(ARGV[1]), tonumber(ARGV[2])
 local dt, du = tokens - tonumber(h[3]), usd - tonumber(h[4])
+if h[5] == 'exact' and ARGV[4] == 'estimated' then return false end
 if h[5] == 'exact' and dt == 0 and du == 0 then return {h[1], h[2], 0} end
 local shifts = {{h[6], dt}, {h[7], dt}, {h[8], du}}
 for _, s in ipairs(shifts) do
@@ -84,7 +85,7 @@ for _, s in ipairs(shifts) do
     redis.call('INCRBY', s[1], string.format('%d', s[2]))
   end
 end
-redis.call('HSET', KEYS[1], 'tokens', ARGV[1], 'usd', ARGV[2], 'state', 'exact')
+redis.call('HSET', KEYS[1], 'tokens', ARGV[1], 'usd', ARGV[2], 'state', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[3])
 return {h[1], h[2], 1}
 """
@@ -184,16 +185,19 @@ class RedisStore:
         refused = L.ORDER[index - 1]
         return Verdict(False, None, refused, L.retry_after(refused, now), used)
 
-    async def settle(self, reservation: str, cost: Cost, now: float) -> Settled | None:
+    async def settle(
+        self, reservation: str, cost: Cost, now: float, state: SettleState = SettleState.EXACT
+    ) -> Settled | None:
         L.check_cost(cost)
         usd_micro = L.to_micro(cost.usd)
         reply = await self._settle(
-            keys=[f"{self._prefix}r:{reservation}", self._open_key], args=[cost.tokens, usd_micro, reservation]
+            keys=[f"{self._prefix}r:{reservation}", self._open_key],
+            args=[cost.tokens, usd_micro, reservation, state.value],
         )
         if reply is None:
             return None
         tenant, model = _text(reply[0]), _text(reply[1])
-        return Settled(reservation, tenant, model, SettleState.EXACT, Cost(cost.tokens, L.from_micro(usd_micro)))
+        return Settled(reservation, tenant, model, state, Cost(cost.tokens, L.from_micro(usd_micro)))
 
     async def expire(self, reserved_before: float, now: float) -> list[Settled]:
         settled: list[Settled] = []

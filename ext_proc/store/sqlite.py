@@ -119,10 +119,14 @@ class SqliteStore:
         after = {kind: current[kind] + adding[kind] for kind in L.ORDER}
         return Verdict(True, reservation, None, 0, L.as_used(after))
 
-    async def settle(self, reservation: str, cost: Cost, now: float) -> Settled | None:
-        return self.settle_sync(reservation, cost, now)
+    async def settle(
+        self, reservation: str, cost: Cost, now: float, state: SettleState = SettleState.EXACT
+    ) -> Settled | None:
+        return self.settle_sync(reservation, cost, now, state)
 
-    def settle_sync(self, reservation: str, cost: Cost, now: float) -> Settled | None:
+    def settle_sync(
+        self, reservation: str, cost: Cost, now: float, state: SettleState = SettleState.EXACT
+    ) -> Settled | None:
         """:meth:`settle` without the coroutine (what it runs)."""
         L.check_cost(cost)
         usd_micro = L.to_micro(cost.usd)
@@ -135,9 +139,11 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 return None
-            tenant, model, tokens, old_micro, minute, day, state = row
-            settled = Settled(reservation, tenant, model, SettleState.EXACT, Cost(cost.tokens, L.from_micro(usd_micro)))
-            if state == SettleState.EXACT.value and tokens == cost.tokens and old_micro == usd_micro:
+            tenant, model, tokens, old_micro, minute, day, state_was = row
+            if state_was == SettleState.EXACT.value and state is SettleState.ESTIMATED:
+                return None
+            settled = Settled(reservation, tenant, model, state, Cost(cost.tokens, L.from_micro(usd_micro)))
+            if state_was == SettleState.EXACT.value and (tokens, old_micro) == (cost.tokens, usd_micro):
                 return settled
             d_tokens, d_micro = cost.tokens - tokens, usd_micro - old_micro
             shifts = [
@@ -148,7 +154,7 @@ class SqliteStore:
             conn.executemany(_SHIFT, [s for s in shifts if s[0] != 0])
             conn.execute(
                 "UPDATE reservations SET tokens = ?, usd_micro = ?, state = ? WHERE id = ?",
-                (cost.tokens, usd_micro, SettleState.EXACT.value, reservation),
+                (cost.tokens, usd_micro, state.value, reservation),
             )
         return settled
 

@@ -127,6 +127,7 @@ def test_an_anthropic_stream_counts_input_from_message_start_and_the_cumulative_
 
 
 def test_a_stream_cut_midway_is_settled_as_estimated_from_what_was_streamed(lab: Running) -> None:
+    before = used(lab, "dev")
     mark = len(lab.service.lines)
     status, body, whole = stream(
         lab, chat("dev-model", stream=True), mock="words=40;chunk_bytes=64;chunk_delay_ms=2;cut=900"
@@ -139,6 +140,8 @@ def test_a_stream_cut_midway_is_settled_as_estimated_from_what_was_streamed(lab:
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in whole_events)
     assert streamed.startswith("w0 w1") and not streamed.endswith("w39 ")
     assert log["output_tokens"] == count_text(streamed)
+    # The ledger holds the tokenizer's count (prompt + what was streamed), not the reservation's max_tokens.
+    wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + log["input_tokens"] + log["output_tokens"])
 
 
 def test_a_json_request_opens_no_ext_proc_stream(lab: Running) -> None:

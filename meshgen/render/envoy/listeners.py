@@ -9,7 +9,7 @@ Gateway filter order (each position has a reason):
 |   |                         | filters and the route match see the model (~35 µs, no Python)                   |
 | 2 | ext_authz (HTTP/1.1)    | key → tenant, model access; answers the tenant and re-route headers that the    |
 |   |                         | rate limit, RBAC and route use; the only blocking Python call                   |
-| 3 | local_ratelimit         | per-tenant RPM, needs the tenant header from (2)                                |
+| 3 | local_ratelimit         | per-replica RPM backstop (2× the limit the ledger enforces), needs (2)          |
 | 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
 | 5 | ext_proc (gRPC)         | only on streaming and re-routed routes (filters/ext_proc.py): counts SSE usage, |
 |   |                         | rewrites the body's model; off everywhere else, so no stream is opened          |

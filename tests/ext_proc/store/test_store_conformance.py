@@ -230,6 +230,27 @@ def test_expire_estimates_then_a_late_exact_replaces(open_store: OpenStore) -> N
     run(open_store, scenario)
 
 
+def test_an_estimated_settle_never_replaces_an_exact_one(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        cut = (await s.reserve("acme", "m", Cost(100, 0.1), Limits(), T)).reservation
+        done = (await s.reserve("acme", "m", Cost(100, 0.1), Limits(), T)).reservation
+        assert cut and done
+        # A stream cut before its usage: counted with the tokenizer, marked estimated, no longer open.
+        estimated = await s.settle(cut, Cost(30, 0.03), T + 1, SettleState.ESTIMATED)
+        assert estimated == Settled(cut, "acme", "m", SettleState.ESTIMATED, Cost(30, 0.03))
+        assert await s.expire(T + 10, T + 10) == [Settled(done, "acme", "m", SettleState.ESTIMATED, Cost(100, 0.1))]
+        await s.settle(done, Cost(40, 0.04), T + 11)
+        assert await s.settle(done, Cost(5, 0.005), T + 12, SettleState.ESTIMATED) is None
+        assert await s.used("acme", T + 12) == used(2, 70, 70, 0.07)
+        # The exact count, when it does arrive, still replaces the estimate.
+        assert (await s.settle(cut, Cost(35, 0.035), T + 13)) == Settled(
+            cut, "acme", "m", SettleState.EXACT, Cost(35, 0.035)
+        )
+        assert await s.used("acme", T + 13) == used(2, 75, 75, 0.075)
+
+    run(open_store, scenario)
+
+
 def test_expire_at_the_estimate_keeps_the_windows(open_store: OpenStore) -> None:
     async def scenario(s: Store) -> None:
         ids = [(await s.reserve("t", "m", Cost(i, 0), Limits(), T + i)).reservation for i in range(1, 6)]

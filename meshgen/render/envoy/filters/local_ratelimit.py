@@ -1,4 +1,8 @@
-"""Per-tenant requests per minute, counted by Envoy itself on the tenant header the service answered with."""
+"""A per-replica backstop on each tenant's requests per minute, keyed on the tenant the service admitted.
+
+The data-plane service enforces `rpm` exactly, across replicas, in its ledger (and queues non-critical requests
+against it). This bucket only catches a service that admits far too much: it allows twice the limit, refilled
+over a minute, so it never refuses what the ledger admitted (its refill is not aligned to the clock minute)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ def _always() -> dict[str, Any]:
     return {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
 
 
+BACKSTOP = 2
+
+
 def local_ratelimit_filter(gw: ir.Gateway) -> dict[str, Any] | None:
-    limited = [t for t in gw.tenants if t.limits.rpm]
+    limited = [(t.name, t.limits.rpm) for t in gw.tenants if t.limits.rpm]
     if not limited:
         return None
     return filter_(
@@ -28,14 +35,14 @@ def local_ratelimit_filter(gw: ir.Gateway) -> dict[str, Any] | None:
             ],
             "descriptors": [
                 {
-                    "entries": [{"key": "tenant", "value": t.name}],
+                    "entries": [{"key": "tenant", "value": name}],
                     "token_bucket": {
-                        "max_tokens": t.limits.rpm,
-                        "tokens_per_fill": t.limits.rpm,
+                        "max_tokens": BACKSTOP * rpm,
+                        "tokens_per_fill": BACKSTOP * rpm,
                         "fill_interval": "60s",
                     },
                 }
-                for t in limited
+                for name, rpm in limited
             ],
             "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
         },
