@@ -275,6 +275,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs so far, from the first line of ``/proc/stat``."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 @dataclass
 class Running:
     ports: dict[str, int]
@@ -509,6 +516,8 @@ class Load:
     """Socket errors (connect, read, write, timeout) plus non-2xx/3xx answers."""
     p50_ms: float
     p99_ms: float
+    machine_busy: float = float("nan")
+    """Share of all the machine's CPU time that was busy during the run (wrk included)."""
     cpu_us: dict[str, float] = field(default_factory=dict)
     """Process → CPU µs per request during the run (and 1 s after, for work that trails it)."""
 
@@ -568,7 +577,11 @@ def measure(run: Running, target: str, script: Path, args: argparse.Namespace) -
     time.sleep(1.0)
     names = PROCESSES[target]
     before = {name: cpu_seconds(run.pids[name]) for name in names}
+    busy_before = machine_ticks()
     load = wrk(port, script, duration=args.duration, threads=args.threads, connections=args.connections)
+    busy_after = machine_ticks()
+    spent = busy_after[1] - busy_before[1]
+    load.machine_busy = (busy_after[0] - busy_before[0]) / spent if spent else float("nan")
     after = settled_cpu(run, names)
     for name in names:
         used = after[name] - before[name]
@@ -643,6 +656,7 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         "p99_ms": round(x.p99_ms, 3),
                         "requests": x.requests,
                         "errors": x.errors,
+                        "machine_busy": round(x.machine_busy, 3),
                         "cpu_us_per_request": {k: round(v, 1) for k, v in x.cpu_us.items()},
                     }
                     for t, x in loads.items()
@@ -686,6 +700,15 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result["completion_cpu_us_per_request"] = comp["gateway_cpu_us_per_request"]
     result["stream_cpu_us_per_request"] = strm["gateway_cpu_us_per_request"]
     result["stream_cpu_vs_completion"] = _ratio(strm["gateway_cpu_us_per_request"], comp["gateway_cpu_us_per_request"])
+    for key in (
+        "rps_ratio_vs_envoy",
+        "rps_ratio_envoy_vs_direct",
+        "stream_rps_ratio_vs_envoy",
+        "stream_cpu_vs_completion",
+    ):
+        result[key] = None if result[key] is None else round(result[key], 3)
+    for key in ("added_p50_ms_at_20rps", "ttft_added_ms", "completion_cpu_us_per_request", "stream_cpu_us_per_request"):
+        result[key] = None if result[key] is None else round(result[key], 3)
     result["goals"] = {
         "rps_ratio_vs_envoy >= 0.40": result["rps_ratio_vs_envoy"] >= GOAL_RPS_RATIO,
         "added_p50_ms_at_20rps <= 0.6": result["added_p50_ms_at_20rps"] <= GOAL_ADDED_P50_MS,
@@ -713,21 +736,19 @@ def table(r: dict[str, Any]) -> str:
     cpu_cols = ("gateway_envoy", "service", "envoy", "upstream")
     for mode, title in (("completion", "non-streaming (JSON)"), ("stream", f"streaming ({STREAM_EVENTS}-chunk SSE)")):
         m = r[mode]
-        out.append(f"{title}")
-        header = f"  {'target':<8} {'RPS':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}   CPU µs/request: "
-        out.append(header + "  ".join(f"{c:>13}" for c in cpu_cols))
+        out.append(f"{title}; CPU µs per request by process; busy: share of both cores in use during the run")
+        header = f"  {'target':<8} {'RPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'busy':>5} | "
+        out.append(header + " ".join(f"{c:>13}" for c in cpu_cols))
         for target in TARGETS:
             x = m["load"].get(target)
             if x is None:
-                out.append(f"  {target:<8} {'unavailable':>9}")
+                out.append(f"  {target:<8} {'unavailable':>8}")
                 continue
-            cpu = "  ".join(
-                f"{_f(x['cpu_us_per_request'].get(c), '.0f') if c in x['cpu_us_per_request'] else '':>13}"
-                for c in cpu_cols
-            )
+            used = x["cpu_us_per_request"]
+            cpu = " ".join(f"{_f(used[c], '.0f') if c in used else '':>13}" for c in cpu_cols)
             out.append(
-                f"  {target:<8} {x['rps']:>9.0f} {x['p50_ms']:>8.2f} {x['p99_ms']:>8.2f} {x['errors']:>7}   "
-                f"{'':16}{cpu}"
+                f"  {target:<8} {x['rps']:>8.0f} {x['p50_ms']:>7.2f} {x['p99_ms']:>7.2f} {x['errors']:>6} "
+                f"{x['machine_busy']:>5.0%} | {cpu}"
             )
         out.append(
             f"  gateway/envoy RPS {_f(m['rps_ratio_vs_envoy'])}×, envoy/direct {_f(m['rps_ratio_envoy_vs_direct'])}×; "
@@ -798,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            print(f"bench/gateway.py: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
     print(json.dumps(result, indent=None if args.json else 2) if args.json else table(result))
     return 0
 
