@@ -12,6 +12,11 @@ An emitted stage is a count in ``meshgen_budget_alerts_total{tenant,stage}``, on
 ``alert_webhook``, a POST of that same JSON to it: fire-and-forget in a worker thread with a short timeout, never
 awaited by admission; a failure is counted (``meshgen_alert_webhook_failures_total``) and logged, never raised.
 
+The ledger's store down: the ledger hands its in-memory store here (:meth:`BudgetAlerts.degrade`) and stages are
+marked there — once per process, best effort —, and on recovery (:meth:`BudgetAlerts.recover`) those marks are
+taken in the store too, so other replicas do not emit them again; the ledger then re-checks the stages against
+the store's totals.
+
 Usage can shrink after a stage is emitted (a settle replaces a larger reservation); the stage is not emitted again
 that day when usage climbs back.
 """
@@ -80,6 +85,10 @@ class BudgetAlerts:
         self._seen: set[tuple[str, float]] = set()
         """(tenant, share) whose mark for `_day` this process took or saw taken."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._marks = store
+        """Where stages are marked: the store, or the ledger's memory while the store is down."""
+        self._local_marks: list[tuple[str, float]] = []
+        """(key, window end) marked in memory while degraded: taken in the store on recovery."""
 
     def has_budget(self, tenant: str) -> bool:
         return tenant in self._budgets
@@ -110,13 +119,30 @@ class BudgetAlerts:
                 continue
             self._seen.add((tenant, share))  # before the await: concurrent requests here ask the store once
             try:
-                first = await self._store.mark_once(f"alert:{tenant}:{label}:{day}", day + DAY_S, now)
+                key = f"alert:{tenant}:{label}:{day}"
+                first = await self._marks.mark_once(key, day + DAY_S, now)
             except Exception as exc:  # the store is down: try again on the next request
                 self._seen.discard((tenant, share))
                 self._log.error(json.dumps({"event": "budget_alert_failed", "error": type(exc).__name__}))
                 continue
             if first:
+                if self._marks is not self._store:
+                    self._local_marks.append((key, day + DAY_S))
                 self._emit(tenant, label, ratio, budget)
+
+    def degrade(self, local: Store) -> None:
+        """The store is down: mark stages in `local` until :meth:`recover`."""
+        self._marks = local
+
+    async def recover(self, store: Store, now: float) -> None:
+        """The store answers again: take there the marks made in memory (the stage was emitted already), then
+        mark in the store again. A store error propagates, leaving the rest for the next call."""
+        while self._local_marks:
+            key, end = self._local_marks[0]
+            if end > now:
+                await store.mark_once(key, end, now)
+            self._local_marks.pop(0)
+        self._store = self._marks = store
 
     def _emit(self, tenant: str, stage: str, ratio: float, budget: _Budget) -> None:
         self._metrics.alert(tenant, stage)

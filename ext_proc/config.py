@@ -94,6 +94,10 @@ class ServiceConfig(_Frozen):
     store: Literal["sqlite", "redis"] = "sqlite"
     """Where the ledger lives: a SQLite file for one service process, Redis for several replicas."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    ledger_down: Literal["count_locally", "refuse"] = "count_locally"
+    """The store does not answer (Redis down, SQLite locked past its busy timeout): ``count_locally`` reserves in
+    this process's memory and replays into the store when it answers again; ``refuse`` answers 503
+    ``ledger_unavailable`` meanwhile. Either way the store is probed about once a second and recovery is automatic."""
     settle_after_ms: int = Field(120_000, ge=1000)
     """A reservation whose usage has not arrived this long after admission is settled at its estimate."""
     alert_webhook: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = None

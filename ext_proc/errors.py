@@ -17,6 +17,7 @@ Exception tree::
     ├── LimitExceeded             429 rate_limit_error      rate_limit_exceeded (rpm, tpm, tpd; + Retry-After)
     │   └── BudgetExceeded        429 rate_limit_error      insufficient_quota  (usd_per_day)
     └── ServiceUnavailable        503 server_error          service_unavailable (unexpected exception)
+        └── LedgerUnavailable     503 server_error          ledger_unavailable  (store down, policy refuse)
 
 Any exception that is not an ``ApiError`` is answered as ``ServiceUnavailable``, logged without the request.
 """
@@ -31,7 +32,9 @@ __all__ = [
     "BudgetExceeded",
     "InvalidApiKey",
     "InvalidContentType",
+    "LEDGER_UNAVAILABLE_AUTHZ_STATUS",
     "InvalidJson",
+    "LedgerUnavailable",
     "LimitExceeded",
     "MalformedRequest",
     "MethodNotAllowed",
@@ -54,6 +57,8 @@ class ApiError(Exception):
     type: ClassVar[str]
     code: ClassVar[str]
     default_message: ClassVar[str]
+    authz_status: ClassVar[int | None] = None
+    """The status answered to Envoy's ext_authz call when it differs from what the client sees (``status``)."""
 
     def __init__(
         self,
@@ -172,6 +177,21 @@ class BudgetExceeded(LimitExceeded):
 class ServiceUnavailable(ApiError):
     status, type, code = 503, "server_error", "service_unavailable"
     default_message = "The service is temporarily unavailable. Please retry."
+
+
+LEDGER_UNAVAILABLE_AUTHZ_STATUS = 424
+"""What the service answers Envoy's ext_authz call for :class:`LedgerUnavailable`: ext_authz takes any 5xx as the
+service itself failing and applies ``failure_mode`` (``open`` would let the request through uncounted), so the
+service answers 424 (Failed Dependency) and Envoy's local reply hands the client 503 with this same body."""
+
+
+class LedgerUnavailable(ServiceUnavailable):
+    """The ledger's store does not answer and the policy (``ledger_down: refuse``) says not to admit uncounted.
+    Clients see 503; Envoy's ext_authz call sees :data:`LEDGER_UNAVAILABLE_AUTHZ_STATUS`."""
+
+    code = "ledger_unavailable"
+    authz_status = LEDGER_UNAVAILABLE_AUTHZ_STATUS
+    default_message = "Usage accounting is temporarily unavailable, so the request was not admitted. Please retry."
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:

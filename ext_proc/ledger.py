@@ -15,6 +15,26 @@ that costs nothing (a model without a price); a cheaper one fits only while some
 
 After every admitted reserve, settle and sweep the tenant's totals go to :class:`~ext_proc.budget.BudgetAlerts`
 (the used-ratio gauge and the 80/90/100 % stages) and settled tokens and dollars to the metrics.
+
+The store down (Redis unreachable or timing out — its client is bounded to ~0.2 s a call —, SQLite locked past
+its busy timeout; :data:`STORE_DOWN`): the ledger is *degraded* (gauge ``meshgen_ledger_degraded`` 1, one JSON log
+line ``ledger_degraded`` on entering and ``ledger_recovered`` on leaving, each failed call counted in
+``meshgen_ledger_errors_total``) and does what the config's ``ledger_down`` says:
+
+- ``count_locally``: reservations are made in this process's :class:`~ext_proc.store.memory.MemoryStore` (ids
+  ``local:…``), against the tenant's limits less the day's usage last seen in the store (the minute windows start
+  empty); settles of those land there too, and settles of store reservations that fail are kept to be replayed.
+- ``refuse``: reservations raise :class:`~ext_proc.errors.LedgerUnavailable` (503 ``ledger_unavailable``).
+
+While degraded the store is not asked on the request path at all; :meth:`Ledger.reconcile` (the service calls it
+about once a second) probes it and, when it answers, replays what was kept: every local reservation is reserved
+in the store at its original time without limits (it was admitted already) and settled as it stands (exact or
+estimated), then dropped locally — later settles of its ``local:`` id go to the store reservation it became —
+and the kept settles are applied; then the ledger leaves degraded mode and re-checks the budget stages of the
+tenants concerned against the store's totals. Stages crossed while degraded are marked in memory (best effort:
+another replica may emit the same stage) and their marks taken in the store on recovery. The sweep settles
+local reservations at their estimate as it does store ones. Nothing is counted twice: a replayed reservation
+leaves memory in the same step (no await) that records where it went.
 """
 
 from __future__ import annotations
@@ -22,20 +42,46 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+
+import redis.exceptions
 
 from ext_proc.accesslog import UsageRecord
 from ext_proc.budget import BudgetAlerts
 from ext_proc.config import ModelConfig, ServiceConfig
-from ext_proc.errors import BudgetExceeded, LimitExceeded
+from ext_proc.errors import BudgetExceeded, LedgerUnavailable, LimitExceeded
 from ext_proc.metrics import Metrics
+from ext_proc.store import _ledger as L
 from ext_proc.store.base import MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Store, Verdict
+from ext_proc.store.memory import MemoryStore
 from ext_proc.tokens import estimate_prompt_tokens
 
-__all__ = ["Ledger", "Reserved"]
+__all__ = ["LOCAL_PREFIX", "STORE_DOWN", "Ledger", "Reserved"]
+
+STORE_DOWN: Final[tuple[type[BaseException], ...]] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,  # TimeoutError and ConnectionRefusedError are OSErrors
+    sqlite3.OperationalError,  # "database is locked" after the busy timeout, disk I/O errors
+)
+"""Store errors that mean "the store does not answer now", as opposed to a bug: the ledger degrades on these."""
+
+LOCAL_PREFIX: Final = "local:"
+"""Reservation ids made in this process's memory while the store was down."""
+
+MAX_KEPT_SETTLES: Final = 100_000
+"""Settles of store reservations kept while the store is down, to replay on recovery; beyond this the oldest are
+dropped (counted in ``meshgen_ledger_errors_total{op="settle_dropped"}``) and the sweep settles those
+reservations at their estimate instead."""
+
+REPLAYED_KEEP_S: Final = 600.0
+"""How long a replayed ``local:`` id is remembered (at least; also at least twice the settle window), so that a
+settle arriving after the replay still lands on the store reservation it became."""
 
 _LIMIT_WORDS = {
     Limit.RPM: "requests per minute",
@@ -97,6 +143,16 @@ class Ledger:
         # Providers answer with their own model name; bill the configured model behind it.
         self._by_upstream = {m.upstream_name: m for m in config.models.values()} | dict(config.models)
         self.settle_after_s = config.settle_after_ms / 1000
+        self._refuse = config.ledger_down == "refuse"
+        self._local = MemoryStore(id_prefix=LOCAL_PREFIX)
+        self._degraded_since: float | None = None
+        """time.monotonic() when the store stopped answering; None while it answers."""
+        self._day_used: dict[str, tuple[int, float, float]] = {}
+        """tenant → (day bucket, tokens, USD) the store last reported for today."""
+        self._kept_settles: deque[tuple[str, Cost, float, SettleState]] = deque()
+        self._replayed: dict[str, tuple[str, float]] = {}
+        """Replayed local id → (the store's id, when), in replay order (:meth:`_forget_replayed` drops the old)."""
+        self._probe_tenant = next(iter(config.tenants), "meshgen-probe")
 
     def estimate(self, model: str, request: Mapping[str, Any]) -> Cost:
         """Prompt tokens counted with the real tokenizer, plus the most the reply may use."""
@@ -105,14 +161,51 @@ class Ledger:
         completion = _max_tokens(request, spec.max_tokens_default)
         return Cost(prompt + completion, _price(spec, prompt, completion))
 
+    @property
+    def degraded(self) -> bool:
+        """True while the store does not answer (since a call failed, until :meth:`reconcile` succeeds)."""
+        return self._degraded_since is not None
+
+    @property
+    def local(self) -> MemoryStore:
+        """This process's own ledger while the store is down (``ledger_down: count_locally``)."""
+        return self._local
+
     async def reserve(self, tenant: str, model: str, request: Mapping[str, Any]) -> Reserved:
         """Reserve the estimate — or the downgrade's, when the budget refuses and the model has one — or raise
-        LimitExceeded / BudgetExceeded naming the limit, with 429 headers."""
-        limits = self._limits[tenant]
+        LimitExceeded / BudgetExceeded naming the limit, with 429 headers. The store down: reserve in memory
+        (``count_locally``) or raise LedgerUnavailable (``refuse``)."""
         now = self._clock()
+        if self._degraded_since is None:
+            try:
+                return await self._reserve_in(self._store, self._limits[tenant], tenant, model, request, now)
+            except STORE_DOWN as exc:
+                self._store_down("reserve", exc)
+        if self._refuse:
+            raise LedgerUnavailable(tenant=tenant, model=model)
+        return await self._reserve_in(self._local, self._local_limits(tenant, now), tenant, model, request, now)
+
+    def _local_limits(self, tenant: str, now: float) -> Limits:
+        """The tenant's limits less what the store last said it used today (its day windows), for local counting."""
+        limits = self._limits[tenant]
+        seen = self._day_used.get(tenant)
+        if seen is None or seen[0] != L.day_bucket(now):
+            return limits
+        _, tokens, usd = seen
+        return Limits(
+            limits.rpm,
+            limits.tpm,
+            None if limits.tpd is None else max(0, limits.tpd - int(tokens)),
+            None if limits.usd_per_day is None else max(0.0, limits.usd_per_day - usd),
+        )
+
+    async def _reserve_in(
+        self, store: Store, limits: Limits, tenant: str, model: str, request: Mapping[str, Any], now: float
+    ) -> Reserved:
         cost = self.estimate(model, request)
-        verdict = await self._store.reserve(tenant, model, cost, limits, now)
+        verdict = await store.reserve(tenant, model, cost, limits, now)
         if verdict.admitted:
+            self._saw(store, tenant, verdict, now)
             await self.alerts.observe(tenant, verdict.used, now)
             return Reserved(verdict.reservation or "", model, None, verdict)
         refusal = self._refusal(tenant, model, cost, limits, verdict, now)
@@ -120,8 +213,9 @@ class Ledger:
         if target is None or verdict.refused_by not in _BUDGET_LIMITS:
             raise refusal
         down_cost = self.estimate(target, request)
-        down = await self._store.reserve(tenant, target, down_cost, limits, now)
+        down = await store.reserve(tenant, target, down_cost, limits, now)
         if down.admitted:
+            self._saw(store, tenant, down, now)
             self.metrics.downgraded(tenant, model)
             await self.alerts.observe(tenant, down.used, now)
             return Reserved(down.reservation or "", target, model, down)
@@ -159,7 +253,7 @@ class Ledger:
             return None
         now = self._clock()
         state = SettleState.ESTIMATED if usage.estimated else SettleState.EXACT
-        settled = await self._store.settle(usage.reservation, cost, now, state)
+        settled = await self._settle(usage.reservation, cost, now, state)
         if settled is not None:
             if usage.estimated:
                 self.metrics.settled_estimated(settled.tenant, settled.model, cost.tokens, cost.usd)
@@ -168,10 +262,37 @@ class Ledger:
             await self._observe(settled.tenant, now)
         return settled
 
+    async def _settle(self, reservation: str, cost: Cost, now: float, state: SettleState) -> Settled | None:
+        """Where the reservation lives: in memory (``local:``, not replayed yet), or in the store (its own id, or
+        the one a replayed ``local:`` id became). The store down: the settle is kept for the replay, and
+        answered from the memory of the reservation when there is one, else None."""
+        if reservation.startswith(LOCAL_PREFIX):
+            target = self._replayed.get(reservation)
+            if target is None:
+                return await self._local.settle(reservation, cost, now, state)
+            reservation = target[0]
+        if self._degraded_since is None:
+            try:
+                return await self._store.settle(reservation, cost, now, state)
+            except STORE_DOWN as exc:
+                self._store_down("settle", exc)
+        if len(self._kept_settles) == MAX_KEPT_SETTLES:
+            self._kept_settles.popleft()
+            self.metrics.ledger_errors.labels("settle_dropped").inc()
+        self._kept_settles.append((reservation, cost, now, state))
+        return None
+
     async def sweep(self) -> list[Settled]:
-        """Settle, at their estimate, reservations whose usage is overdue: the bound on lost accounting."""
+        """Settle, at their estimate, reservations whose usage is overdue: the bound on lost accounting. Local
+        reservations (the store down) too; the store's are left until it answers."""
         now = self._clock()
-        settled = await self._store.expire(now - self.settle_after_s, now)
+        settled = await self._local.expire(now - self.settle_after_s, now)
+        self._forget_replayed(now)
+        if self._degraded_since is None:
+            try:
+                settled += await self._store.expire(now - self.settle_after_s, now)
+            except STORE_DOWN as exc:
+                self._store_down("sweep", exc)
         for s in settled:
             self.metrics.settled_estimated(s.tenant, s.model, s.cost.tokens, s.cost.usd)
         for tenant in {s.tenant for s in settled}:
@@ -183,10 +304,99 @@ class Ledger:
         off the request path). A store error here is logged, never raised: the settle already happened."""
         if not self.alerts.has_budget(tenant):
             return
+        store = self._local if self._degraded_since is not None else self._store
         try:
-            await self.alerts.observe(tenant, await self._store.used(tenant, now), now)
+            await self.alerts.observe(tenant, await store.used(tenant, now), now)
         except Exception as exc:  # the settle itself is done; the next one looks again
             self._log.error(json.dumps({"event": "budget_check_failed", "error": type(exc).__name__}))
+
+    # ---- the store down, and back ---------------------------------------------------------------------------------
+
+    def _saw(self, store: Store, tenant: str, verdict: Verdict, now: float) -> None:
+        """Remember the day's usage the store reported: local counting starts from it if the store goes down."""
+        if store is self._store:
+            used = verdict.used
+            self._day_used[tenant] = (L.day_bucket(now), used.get(Limit.TPD, 0.0), used.get(Limit.USD_PER_DAY, 0.0))
+
+    def _store_down(self, op: str, exc: BaseException) -> None:
+        self.metrics.ledger_errors.labels(op).inc()
+        if self._degraded_since is not None:
+            return
+        self._degraded_since = time.monotonic()
+        self.metrics.ledger_degraded.set(1)
+        self.alerts.degrade(self._local)
+        policy = "refuse" if self._refuse else "count_locally"
+        self._log.error(
+            json.dumps({"event": "ledger_degraded", "policy": policy, "op": op, "error": type(exc).__name__})
+        )
+
+    async def reconcile(self) -> bool:
+        """Degraded: probe the store and, when it answers, replay what was kept and leave degraded mode.
+        True when the ledger is (now) not degraded. A store error on the way leaves it degraded (what was
+        replayed stays replayed) for the next call; one call at a time (the service's loop)."""
+        if self._degraded_since is None:
+            return True
+        now = self._clock()
+        tenants: set[str] = set()
+        try:
+            await self._store.used(self._probe_tenant, now)  # the probe
+            while self._kept_settles:
+                reservation, cost, at, state = self._kept_settles[0]
+                await self._store.settle(reservation, cost, at, state)
+                self._kept_settles.popleft()
+            replayed = 0
+            while len(self._local):
+                for r in self._local.reservations():
+                    if await self._replay(r.id, now):
+                        tenants.add(r.tenant)
+                        replayed += 1
+            await self.alerts.recover(self._store, now)
+        except STORE_DOWN as exc:
+            self.metrics.ledger_errors.labels("reconcile").inc()
+            self._log.debug(json.dumps({"event": "ledger_still_down", "error": type(exc).__name__}))
+            return False
+        # No await since the local ledger was seen empty: nothing was reserved there meanwhile.
+        degraded_s = time.monotonic() - self._degraded_since
+        self._degraded_since = None
+        self.metrics.ledger_degraded.set(0)
+        self._log.warning(
+            json.dumps({"event": "ledger_recovered", "replayed": replayed, "degraded_s": round(degraded_s, 3)})
+        )
+        for tenant in sorted(tenants):
+            await self._observe(tenant, now)
+        return True
+
+    async def _replay(self, local_id: str, now: float) -> bool:
+        """One local reservation into the store: reserved at its own time without limits, then settled to match
+        what it counts locally — again if a settle changed it meanwhile —, then dropped from memory."""
+        r = self._local.get(local_id)
+        if r is None:
+            return False
+        verdict = await self._store.reserve(
+            r.tenant, r.model, Cost(r.tokens, L.from_micro(r.usd_micro)), Limits(), r.created
+        )
+        target = verdict.reservation or ""
+        applied = (r.tokens, r.usd_micro, "open")
+        while True:
+            current = self._local.get(local_id)
+            if current is None or (current.tokens, current.usd_micro, current.state) == applied:
+                break
+            state = current.settle_state or SettleState.ESTIMATED
+            await self._store.settle(target, current.cost, now, state)
+            applied = (current.tokens, current.usd_micro, current.state)
+        # No await from the check above to here: a settle of local_id now finds it replayed.
+        self._replayed[local_id] = (target, now)
+        self._local.forget(local_id)
+        self.metrics.ledger_replayed.inc()
+        return True
+
+    def _forget_replayed(self, now: float) -> None:
+        horizon = now - max(REPLAYED_KEEP_S, 2 * self.settle_after_s)
+        while self._replayed:
+            first = next(iter(self._replayed))
+            if self._replayed[first][1] >= horizon:
+                break
+            del self._replayed[first]
 
 
 def _rate_limit_headers(limits: Limits, verdict: Verdict, now: float) -> tuple[tuple[str, str], ...]:

@@ -104,6 +104,22 @@ async def _sweep(ledger: Ledger, logger: logging.Logger) -> None:
             logger.error(json.dumps({"event": "sweep_failed", "error": type(exc).__name__}))
 
 
+RECONCILE_EVERY_S = 1.0
+
+
+async def _reconcile(ledger: Ledger, logger: logging.Logger, every_s: float = RECONCILE_EVERY_S) -> None:
+    """While the ledger is degraded (its store down), probe the store about once a second; when it answers, the
+    ledger replays what it counted meanwhile and leaves degraded mode (:meth:`Ledger.reconcile`)."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not ledger.degraded:
+            continue
+        try:
+            await ledger.reconcile()
+        except Exception as exc:  # a bug, not the store being down (reconcile handles that): keep trying
+            logger.error(json.dumps({"event": "reconcile_failed", "error": type(exc).__name__}))
+
+
 def stream_settle(ledger: Ledger) -> Settle:
     """The streaming path's settle → :meth:`Ledger.settle`; a cut stream's tokenizer count is marked estimated."""
 
@@ -134,6 +150,7 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
     server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger)
     access_log: grpc.aio.Server | None = None
     sweeper = asyncio.create_task(_sweep(ledger, logger))
+    reconciler = asyncio.create_task(_reconcile(ledger, logger))
     try:
         if args.grpc_port is not None:
             processor = ExternalProcessor(config, stream_settle(ledger), logger=logger)
@@ -144,7 +161,7 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
         print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        await _shutdown(sweeper, access_log, store)
+        await _shutdown((sweeper, reconciler), access_log, store, ledger)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -159,14 +176,21 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
         for signum in signals:
             loop.remove_signal_handler(signum)
         await server.close()
-        await _shutdown(sweeper, access_log, store)
+        await _shutdown((sweeper, reconciler), access_log, store, ledger)
     return 0
 
 
-async def _shutdown(sweeper: asyncio.Task[None], access_log: grpc.aio.Server | None, store: Store) -> None:
-    sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
+async def _shutdown(
+    loops: tuple[asyncio.Task[None], ...], access_log: grpc.aio.Server | None, store: Store, ledger: Ledger
+) -> None:
+    for task in loops:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     if access_log is not None:
         await access_log.stop(grace=1.0)  # Envoy's last batch still settles
+    if ledger.degraded and not await ledger.reconcile():  # one last try: what was counted locally dies with us
+        logging.getLogger("ext_proc").error(
+            json.dumps({"event": "ledger_lost_local", "reservations": len(ledger.local)})
+        )
     await store.close()

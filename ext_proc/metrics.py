@@ -19,6 +19,11 @@ label children the hot path uses are cached, so a request costs a dict lookup an
 ``meshgen_downgrades_total``               requests re-routed to the downgrade model, by tenant and requested model
 ``meshgen_queue_depth``                    non-critical requests held now, by tenant
 ``meshgen_queue_wait_seconds``             how long held requests waited (served or refused), by tenant
+``meshgen_ledger_degraded``                1 while the ledger's store does not answer and the service counts in
+                                           its own memory (``count_locally``) or refuses (``refuse``), else 0
+``meshgen_ledger_errors_total``            store calls that failed (down, timed out, locked), by operation
+                                           (``reserve``, ``settle``, ``sweep``, ``reconcile``)
+``meshgen_ledger_replayed_total``          reservations counted locally and replayed into the store on recovery
 =========================================  =====================================================================
 
 A reservation settled as an estimate and later replaced by the exact count is counted under both ``count`` values:
@@ -71,6 +76,13 @@ class Metrics:
         self.queue_depth = Gauge("meshgen_queue_depth", "Non-critical requests held.", ["tenant"], registry=r)
         self.queue_wait = Histogram(
             "meshgen_queue_wait_seconds", "Time held requests waited.", ["tenant"], buckets=_WAIT_BUCKETS, registry=r
+        )
+        self.ledger_degraded = Gauge(
+            "meshgen_ledger_degraded", "1 while the ledger's store does not answer.", registry=r
+        )
+        self.ledger_errors = Counter("meshgen_ledger_errors", "Ledger store calls that failed.", ["op"], registry=r)
+        self.ledger_replayed = Counter(
+            "meshgen_ledger_replayed", "Local reservations replayed into the store.", registry=r
         )
         self._refusals: dict[tuple[str | None, str], Counter] = {}
         self._budget_used: dict[str, Gauge] = {}

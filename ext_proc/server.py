@@ -55,6 +55,7 @@ _REASONS: Final = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    424: b"Failed Dependency",
     413: b"Payload Too Large",
     429: b"Too Many Requests",
     503: b"Service Unavailable",
@@ -210,7 +211,8 @@ class Server:
         }
         self._log.info(json.dumps(line))
         self.metrics.refused(err.tenant, err.reason if isinstance(err, LimitExceeded) else err.code)
-        return _head(err.status, (("content-type", "application/json"), *err.headers), len(body)), body
+        status = err.status if err.authz_status is None else err.authz_status
+        return _head(status, (("content-type", "application/json"), *err.headers), len(body)), body
 
     def log_internal_error(self, exc: BaseException) -> None:
         # Type and stack frames only: an exception's message or locals may quote the request body or a key.

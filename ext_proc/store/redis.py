@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ext_proc.store import _ledger as L
 from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Verdict
@@ -40,6 +42,9 @@ MINUTE_TTL_S = 2 * MINUTE_S
 DAY_TTL_S = 2 * DAY_S
 """TTL of a day window, reset by each write in its day: it lives at least a day after the day ends."""
 RESERVATION_TTL_S = L.KEEP_S
+DEFAULT_TIMEOUT_S = 0.2
+"""Bound on connecting and on each reply (:meth:`RedisStore.from_url`): inside Envoy's admission timeout (250 ms
+by default), far above a healthy call (~0.2 ms)."""
 _EXPIRE_BATCH = 500
 
 # KEYS: rpm, tpm, tpd, usd windows; reservation hash; open set.
@@ -137,12 +142,29 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "meshgen:", max_connections: int = 32, pool_timeout_s: float = 5.0
+        cls,
+        url: str,
+        *,
+        prefix: str = "meshgen:",
+        max_connections: int = 32,
+        pool_timeout_s: float = 5.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> RedisStore:
         """A store on a new client for `url` (``redis://host:port/db``) whose pool *waits* (up to
         `pool_timeout_s`) for a free connection: redis-py's default pool raises ``MaxConnectionsError`` once
-        100 calls are in flight, which a burst of admissions reaches. Build your own client the same way."""
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout_s)
+        100 calls are in flight, which a burst of admissions reaches. Build your own client the same way.
+
+        Connecting and each reply are bounded by `timeout_s` and never retried, so a Redis that is down or
+        unreachable costs a call at most that (then ``redis.exceptions.ConnectionError`` / ``TimeoutError``;
+        the ledger degrades as the policy's ``ledger_down`` says)."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
         return cls(aioredis.Redis.from_pool(pool), prefix=prefix)
 
     def _window(self, tenant: str, kind: Limit, bucket: int) -> str:

@@ -36,6 +36,7 @@ def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
             max_request_bytes=policy.service.max_request_bytes,
             store=policy.service.store,
             redis_url=policy.service.redis_url,
+            ledger_down=policy.service.ledger_down,
             alert_webhook=policy.service.alert_webhook,
             settle_after_ms=longest_ms + SETTLE_MARGIN_MS,
         ),

@@ -158,6 +158,8 @@ class Service(Frozen):
     max_request_bytes: int
     store: Literal["sqlite", "redis"]
     redis_url: str
+    ledger_down: Literal["count_locally", "refuse"]
+    """The store does not answer: count in the service's memory and reconcile later, or refuse with 503."""
     alert_webhook: str | None
     settle_after_ms: int
     """How long after admission a request's usage may still arrive: the longest route timeout plus the access

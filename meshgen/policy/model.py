@@ -222,6 +222,11 @@ class Service(Strict):
     store: Literal["sqlite", "redis"] = "sqlite"
     """The ledger of tokens and dollars: SQLite for one service process, Redis for several replicas."""
     redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^rediss?://")
+    ledger_down: Literal["count_locally", "refuse"] = "count_locally"
+    """When the ledger's store (Redis, or a locked SQLite file) does not answer within its short timeout:
+    `count_locally` keeps traffic flowing — each service process counts and enforces limits in its own memory,
+    then replays what it counted into the store once it answers again (limits are per process meanwhile);
+    `refuse` answers 503 `ledger_unavailable` until the store is back. Either way the service recovers by itself."""
     alert_webhook: str | None = Field(None, pattern=r"^https?://")
     """Budget stage alerts (each tenant's `alerts_at`) are also POSTed here as JSON, fire-and-forget."""
 

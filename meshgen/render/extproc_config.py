@@ -19,6 +19,7 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
         "max_request_bytes": gw.service.max_request_bytes,
         "store": gw.service.store,
         "redis_url": gw.service.redis_url,
+        "ledger_down": gw.service.ledger_down,
         "settle_after_ms": gw.service.settle_after_ms,
         "alert_webhook": gw.service.alert_webhook,
         "models": {

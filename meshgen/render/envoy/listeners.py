@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ext_proc.errors import LEDGER_UNAVAILABLE_AUTHZ_STATUS
 from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import usage_access_log
 from meshgen.render.envoy.clusters import affinity_headers, direct_name
@@ -104,6 +105,13 @@ def _local_reply_config() -> dict[str, Any]:
             _answer(
                 admission_down, 503, "Admission is unavailable; retry shortly.", "server_error", "admission_unavailable"
             ),
+            # The ledger's store down with `ledger_down: refuse`: the service answers 424, since ext_authz takes any
+            # 5xx as the service failing (and failure_mode: open would then let the request through uncounted);
+            # the client gets 503 with the service's own body (code ledger_unavailable).
+            {
+                "filter": {"and_filter": {"filters": [_flag("UAEX"), _status(LEDGER_UNAVAILABLE_AUTHZ_STATUS)]}},
+                "status_code": 503,
+            },
             # The service's own refusals already carry its OpenAI body: kept as they are, so the 403 and 429
             # below only ever rewrite Envoy's RBAC denials and local rate limits.
             {"filter": _flag("UAEX")},

@@ -1,7 +1,8 @@
-"""Fixtures for the ledger stores: each conformance test runs once on SQLite and once on a real Redis.
+"""Fixtures for the ledger stores: each conformance test runs on SQLite, on a real Redis and in memory.
 
 ``open_store`` is a factory of async context managers — ``async with open_store() as store:`` — so a test can
-open several stores on the same ledger (the same SQLite file, the same Redis database). Tests drive their
+open several stores on the same ledger (the same SQLite file, the same Redis database; for the memory store,
+which cannot share a ledger between objects, the same instance each time). Tests drive their
 coroutines with ``asyncio.run`` (no pytest-asyncio here), so each store and client lives in that one loop.
 """
 
@@ -16,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ext_proc.store.base import Store
+from ext_proc.store.memory import MemoryStore
 from ext_proc.store.redis import RedisStore
 from ext_proc.store.sqlite import SqliteStore
 from tests.ext_proc.store.kit import OpenStore
@@ -29,14 +31,23 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         yield port
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "memory"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def open_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
-    """Factory of stores on one fresh ledger (a new SQLite file, or the flushed Redis database)."""
+    """Factory of stores on one fresh ledger (a new SQLite file, the flushed Redis database, a new memory store)."""
+    if backend == "memory":
+        shared = MemoryStore()
+
+        @asynccontextmanager
+        async def open_memory() -> AsyncIterator[Store]:
+            yield shared  # one process's memory: every "store on the ledger" is this one
+
+        return open_memory
+
     if backend == "sqlite":
         path = tmp_path / "ledger.sqlite3"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits
+from ext_proc.store.memory import MemoryStore
 from ext_proc.store.redis import RedisStore
 from ext_proc.store.sqlite import SqliteStore
 
@@ -180,5 +181,24 @@ def test_redis_expire_walks_more_than_one_batch(redis_url: str) -> None:
             assert await store.expire(T + 10, T + 10) == []
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+# ---- memory (the ledger's fallback while the store is down) ------------------------------------------------------
+
+
+def test_memory_ids_carry_the_prefix_and_forget_takes_a_reservation_out_of_the_windows() -> None:
+    async def main() -> None:
+        store = MemoryStore(id_prefix="local:")
+        a = (await store.reserve("acme", "m", Cost(100, 0.1), Limits(), T)).reservation
+        b = (await store.reserve("acme", "m", Cost(50, 0.05), Limits(), T + 1)).reservation
+        assert a and b and a.startswith("local:") and b.startswith("local:")
+        await store.settle(a, Cost(30, 0.03), T + 2)
+        assert [(r.id, r.tokens, r.state) for r in store.reservations()] == [(a, 30, "exact"), (b, 50, "open")]
+        store.forget(a)
+        assert len(store) == 1 and store.get(a) is None
+        assert await store.used("acme", T) == {Limit.RPM: 1, Limit.TPM: 50, Limit.TPD: 50, Limit.USD_PER_DAY: 0.05}
+        assert await store.settle(a, Cost(1, 0), T + 3) is None
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""One suite, every store: what ``ext_proc.store.base.Store`` promises, on SQLite and on a real Redis.
+"""One suite, every store: what ``ext_proc.store.base.Store`` promises, on SQLite, on a real Redis and in memory.
 
 Time is a fake clock: T is 15.5 s into a minute, 3615.5 s into a UTC day.
 """
