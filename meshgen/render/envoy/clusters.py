@@ -14,14 +14,15 @@ from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
-def _http1(*, tls: bool = False) -> dict[str, Any]:
+def _http_options(*, tls: bool = False, http2: bool = False) -> dict[str, Any]:
     # With TLS, SNI and the certificate check follow each endpoint's own name (auto_host_rewrite sets it as Host).
     sni = {"upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True}} if tls else {}
+    explicit: dict[str, Any] = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS,
             **sni,
-            "explicit_http_config": {"http_protocol_options": {}},
+            "explicit_http_config": explicit,
         }
     }
 
@@ -114,7 +115,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
         "connect_timeout": duration(c.connect_timeout_ms),
         **_discovery([a for a, _, _ in endpoints]),
         "lb_policy": "RING_HASH" if ring_hash else "LEAST_REQUEST",
-        "typed_extension_protocol_options": _http1(tls=tls),
+        "typed_extension_protocol_options": _http_options(tls=tls),
         **(_tls() if tls else {}),
     }
     if not c.faults:
@@ -135,7 +136,7 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
             "connect_timeout": duration(c.connect_timeout_ms),
             "type": "STATIC",
             "lb_policy": "ROUND_ROBIN",
-            "typed_extension_protocol_options": _http1(),
+            "typed_extension_protocol_options": _http_options(),
             **_resilience(c),
             "load_assignment": _load_assignment(c.name, [(hop, 1, {"provider": c.provider, "chaos_hop": c.name})]),
         },
@@ -175,49 +176,32 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     return clusters
 
 
-def service_cluster(place: Placement) -> dict[str, Any]:
-    address = place.service()
+def _service_cluster(name: str, address: Address, *, http2: bool) -> dict[str, Any]:
     return {
-        "name": SERVICE_CLUSTER,
-        "alt_stat_name": stat_name(SERVICE_CLUSTER),
+        "name": name,
+        "alt_stat_name": stat_name(name),
         "connect_timeout": "1s",
         **_discovery([address]),
         "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": _http1(),
+        "typed_extension_protocol_options": _http_options(http2=http2),
         "circuit_breakers": {
             "thresholds": [
-                {
-                    "priority": "DEFAULT",
-                    "max_connections": 4096,
-                    "max_pending_requests": 4096,
-                    "max_requests": 4096,
-                }
+                {"priority": "DEFAULT", "max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096}
             ]
         },
-        "load_assignment": _load_assignment(SERVICE_CLUSTER, [(address, 1, {})]),
+        "load_assignment": _load_assignment(name, [(address, 1, {})]),
     }
 
 
-def service_grpc_cluster(place: Placement) -> dict[str, Any]:
-    """The service's gRPC port, over HTTP/2: the access-log service (one long-lived stream, batched entries)."""
-    address = place.service_grpc()
-    return {
-        "name": ALS_CLUSTER,
-        "alt_stat_name": stat_name(ALS_CLUSTER),
-        "connect_timeout": "1s",
-        **_discovery([address]),
-        "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": _load_assignment(ALS_CLUSTER, [(address, 1, {})]),
-    }
+def service_clusters(place: Placement) -> list[dict[str, Any]]:
+    """The data-plane service: admission over HTTP/1.1, and its gRPC port over HTTP/2 (access log, ext_proc)."""
+    return [
+        _service_cluster(SERVICE_CLUSTER, place.service(), http2=False),
+        _service_cluster(ALS_CLUSTER, place.service_grpc(), http2=True),
+    ]
 
 
 def all_clusters(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
     hashed = affinity_headers(gw)
     providers = [cl for c in gw.clusters for cl in provider_clusters(place, c, ring_hash=c.name in hashed)]
-    return [service_cluster(place), service_grpc_cluster(place), *providers, *chain_clusters(gw, region)]
+    return [*service_clusters(place), *providers, *chain_clusters(gw, region)]
