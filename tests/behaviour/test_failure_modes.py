@@ -25,3 +25,5 @@ def test_service_down(tmp_path: Path, mode: str) -> None:
             assert reply.status == 200, reply.body
             assert reply.headers["x-served-by"] == "provider.primary.us-east.ep0"
             assert "authorization" not in lab.upstream.requests()[0].headers
+            # Unaccounted traffic is visible: Envoy counts every request let through without admission.
+            assert lab.envoy.stat("http.gateway_us-east.ext_authz.failure_mode_allowed") == 1
