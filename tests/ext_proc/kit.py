@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,26 @@ def authz_request(body: bytes | None = None, *, key: str | None = None, bearer: 
     payload = b"" if body is None else body
     lines.append(f"content-length: {len(payload)}")
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode() + payload
+
+
+class LogLines(logging.Handler):
+    """The service's JSON log lines, captured from a logger of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(json.loads(record.getMessage()))
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == event]
+
+
+def capture_log(level: int = logging.INFO) -> tuple[logging.Logger, LogLines]:
+    log = logging.getLogger(f"test-service-{id(object())}")
+    log.propagate = False
+    log.setLevel(level)
+    lines = LogLines()
+    log.addHandler(lines)
+    return log, lines

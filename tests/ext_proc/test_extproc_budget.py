@@ -27,7 +27,7 @@ from ext_proc.ledger import Ledger, Reserved
 from ext_proc.server import Server
 from ext_proc.store.base import DAY_S, Limit
 from ext_proc.store.sqlite import SqliteStore
-from tests.ext_proc.kit import sha256_hex
+from tests.ext_proc.kit import capture_log, sha256_hex
 from tests.support import free_ports
 
 DAY0 = 19_675 * DAY_S
@@ -82,27 +82,6 @@ class Clock:
         return self.now
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append(json.loads(record.getMessage()))
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
-
-
-def logger() -> tuple[logging.Logger, Lines]:
-    log = logging.getLogger(f"test-budget-{id(object())}")
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    lines = Lines()
-    log.addHandler(lines)
-    return log, lines
-
-
 def run(tmp_path: Path, scenario: Callable[[Callable[..., Ledger]], Awaitable[None]]) -> None:
     """`scenario(make)`: make(clock=..., cfg=...) opens a Ledger on the test's one SQLite file."""
 
@@ -142,7 +121,7 @@ def ask(model: str) -> dict[str, Any]:
 
 def test_each_stage_is_emitted_once_as_the_usd_budget_fills(tmp_path: Path) -> None:
     async def scenario(make: Callable[..., Ledger]) -> None:
-        log, lines = logger()
+        log, lines = capture_log()
         ledger = make(log=log)
         for _ in range(7):
             await ledger.reserve("spender", "big", ask("big"))
@@ -217,7 +196,7 @@ def test_a_new_day_has_its_stages_again(tmp_path: Path) -> None:
 
 def test_tokens_per_day_is_the_budget_without_usd(tmp_path: Path) -> None:
     async def scenario(make: Callable[..., Ledger]) -> None:
-        log, lines = logger()
+        log, lines = capture_log()
         ledger = make(log=log)
         for _ in range(8):  # 7 prompt + 5 max_tokens = 12 tokens of 120
             await ledger.reserve("counter", "big", ask("big"))
@@ -289,7 +268,7 @@ def test_a_failing_webhook_is_counted_not_raised(tmp_path: Path, where: str) -> 
             url = f"http://127.0.0.1:{free_ports(1)[0]}/alerts"
 
         async def scenario(make: Callable[..., Ledger]) -> None:
-            log, lines = logger()
+            log, lines = capture_log()
             ledger = make(cfg=config(alert_webhook=url), log=log)
             for _ in range(8):
                 assert isinstance(await ledger.reserve("spender", "big", ask("big")), Reserved)

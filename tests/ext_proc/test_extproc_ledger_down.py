@@ -20,7 +20,7 @@ from ext_proc.ledger import LOCAL_PREFIX, Ledger
 from ext_proc.server import Server
 from ext_proc.store.base import DAY_S, Cost, Limit, Limits, Settled, SettleState, Verdict
 from ext_proc.store.memory import MemoryStore
-from tests.ext_proc.kit import sha256_hex
+from tests.ext_proc.kit import LogLines, capture_log, sha256_hex
 
 T = 19_675 * DAY_S + 3600 + 15.5
 KEY = "sk-acme"
@@ -93,18 +93,6 @@ class FlakyStore:
         pass
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append(json.loads(record.getMessage()))
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == event]
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = T
@@ -113,12 +101,8 @@ class Clock:
         return self.now
 
 
-def run(scenario: Callable[[Ledger, FlakyStore, Lines, Clock], Awaitable[None]], cfg: ServiceConfig) -> None:
-    log = logging.getLogger(f"test-ledger-down-{id(object())}")
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    lines = Lines()
-    log.addHandler(lines)
+def run(scenario: Callable[[Ledger, FlakyStore, LogLines, Clock], Awaitable[None]], cfg: ServiceConfig) -> None:
+    log, lines = capture_log(logging.DEBUG)
     store, clock = FlakyStore(), Clock()
     asyncio.run(scenario(Ledger(cfg, store, clock=clock, logger=log), store, lines, clock))
 
@@ -146,7 +130,7 @@ def tokens(used: dict[Limit, float]) -> float:
 
 
 def test_count_locally_admits_and_counts_in_memory() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         before = await ledger.reserve("acme", "m", HI)
         assert not before.reservation.startswith(LOCAL_PREFIX) and not ledger.degraded
         store.down = True
@@ -167,7 +151,7 @@ def test_count_locally_admits_and_counts_in_memory() -> None:
 
 
 def test_refuse_answers_503_ledger_unavailable() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         store.down = True
         for _ in range(3):
             with pytest.raises(LedgerUnavailable) as refused:
@@ -187,7 +171,7 @@ def test_refuse_answers_503_ledger_unavailable() -> None:
 
 
 def test_refuse_through_the_server_answers_envoy_424_with_the_503_body() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         store.down = True
         server = Server(ledger._config, ledger=ledger)
         _, port = await server.start("127.0.0.1", 0)
@@ -214,7 +198,7 @@ def test_refuse_through_the_server_answers_envoy_424_with_the_503_body() -> None
 
 
 def test_reconcile_replays_exact_estimated_and_open_reservations_once() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         before = await ledger.reserve("acme", "m", HI)
         await ledger.settle(usage(before.reservation, 7, 3))
         store.down = True
@@ -248,7 +232,7 @@ def test_reconcile_replays_exact_estimated_and_open_reservations_once() -> None:
 
 
 def test_a_settle_during_the_replay_still_lands() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         store.down = True
         rid = (await ledger.reserve("acme", "m", HI)).reservation
         store.down = False
@@ -265,7 +249,7 @@ def test_a_settle_during_the_replay_still_lands() -> None:
 
 
 def test_settles_of_store_reservations_while_down_are_replayed() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         rid = (await ledger.reserve("acme", "m", HI)).reservation
         store.down = True
         assert await ledger.settle(usage(rid, 7, 3)) is None  # kept, not lost
@@ -279,7 +263,7 @@ def test_settles_of_store_reservations_while_down_are_replayed() -> None:
 
 
 def test_the_sweep_settles_local_reservations_and_skips_the_dead_store() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         store.down = True
         rid = (await ledger.reserve("acme", "m", HI)).reservation
         clock.now = T + ledger.settle_after_s + 1
@@ -297,7 +281,7 @@ def test_the_sweep_settles_local_reservations_and_skips_the_dead_store() -> None
 
 
 def test_local_counting_starts_from_the_days_usage_the_store_last_reported() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         for _ in range(3):
             await ledger.reserve("acme", "m", HI)  # 36 of 50 tokens today
         store.down = True
@@ -310,7 +294,7 @@ def test_local_counting_starts_from_the_days_usage_the_store_last_reported() -> 
 
 
 def test_budget_stages_while_degraded_are_marked_in_the_store_on_recovery() -> None:
-    async def scenario(ledger: Ledger, store: FlakyStore, lines: Lines, clock: Clock) -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
         store.down = True
         await ledger.reserve("acme", "m", HI)  # 12 of 20 tokens a day: the 50 % stage, marked in memory
         assert len(lines.of("budget_alert")) == 1
