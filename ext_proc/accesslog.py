@@ -9,9 +9,11 @@ per request. Each entry's ``common_properties.metadata`` carries what this servi
 - ``meshgen.resp``: ``prompt_tokens``/``completion_tokens`` (OpenAI) or ``input_tokens``/``output_tokens``
   (Anthropic), ``model`` (the model that served), lifted from a JSON response body by ``json_to_metadata``.
 
-Every entry with a reservation becomes one :class:`UsageRecord` passed to the injected ``on_usage`` callback, in
-order; entries without one are ignored. A failing callback is logged (reservation and error type only) and the
-stream goes on, so one bad record never costs a batch.
+Every entry with a reservation becomes one :class:`UsageRecord`; entries without one are ignored. The records of
+one message go, in order, to the injected ``on_usages`` callback in one call (the ledger settles them in one
+store transaction) or, without one, to ``on_usage`` one by one. A failing callback is logged (reservation and
+error type only) and the stream goes on, so one bad record never costs a batch: when ``on_usages`` fails, the
+message's records are delivered again one by one to ``on_usage`` (settling is idempotent).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import logging
 import math
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,6 +38,7 @@ __all__ = [
     "TENANT_KEY",
     "AccessLogServicer",
     "OnUsage",
+    "OnUsages",
     "UsageRecord",
     "serve_access_log",
     "serve_grpc",
@@ -52,7 +55,7 @@ RESPONSE_NAMESPACE: Final = "meshgen.resp"
 _USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """What one finished request used, for settling its reservation."""
 
@@ -74,30 +77,26 @@ class UsageRecord:
 
 
 OnUsage = Callable[[UsageRecord], Awaitable[object]]
+OnUsages = Callable[[Sequence[UsageRecord]], Awaitable[object]]
 
 
-def _fields(metadata: Any, namespace: str) -> Any | None:
+def _fields(filter_metadata: Any, namespace: str) -> Any | None:
     """The ``google.protobuf.Struct`` fields of one namespace, or None."""
-    if namespace not in metadata.filter_metadata:
-        return None
-    return metadata.filter_metadata[namespace].fields
+    struct = filter_metadata.get(namespace)
+    return None if struct is None else struct.fields
 
 
 def _string(fields: Any | None, key: str) -> str | None:
-    if fields is None or key not in fields:
+    value = None if fields is None else fields.get(key)
+    if value is None or value.WhichOneof("kind") != "string_value":
         return None
-    value = fields[key]
-    if value.WhichOneof("kind") != "string_value" or not value.string_value:
-        return None
-    return str(value.string_value)
+    return str(value.string_value) or None
 
 
 def _count(fields: Any | None, key: str) -> int | None:
     """A token count: a non-negative finite number (json_to_metadata NUMBER), else None."""
-    if fields is None or key not in fields:
-        return None
-    value = fields[key]
-    if value.WhichOneof("kind") != "number_value":
+    value = None if fields is None else fields.get(key)
+    if value is None or value.WhichOneof("kind") != "number_value":
         return None
     number = float(value.number_value)
     if not math.isfinite(number) or number < 0:
@@ -107,37 +106,43 @@ def _count(fields: Any | None, key: str) -> int | None:
 
 def usage_from_entry(entry: Any) -> UsageRecord | None:
     """One ``envoy.data.accesslog.v3.HTTPAccessLogEntry`` → its usage, or None without a reservation."""
-    metadata = entry.common_properties.metadata
-    authz = _fields(metadata, AUTHZ_NAMESPACE)
+    filter_metadata = entry.common_properties.metadata.filter_metadata
+    authz = _fields(filter_metadata, AUTHZ_NAMESPACE)
     reservation = _string(authz, RESERVATION_KEY)
     if reservation is None:
         return None
-    resp = _fields(metadata, RESPONSE_NAMESPACE)
+    resp = _fields(filter_metadata, RESPONSE_NAMESPACE)
     input_tokens = output_tokens = 0
     has_usage = False
-    for in_key, out_key in _USAGE_KEYS:
-        found_in, found_out = _count(resp, in_key), _count(resp, out_key)
-        if found_in is not None or found_out is not None:
-            input_tokens, output_tokens, has_usage = found_in or 0, found_out or 0, True
-            break
-    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    if resp is not None:
+        for in_key, out_key in _USAGE_KEYS:
+            found_in, found_out = _count(resp, in_key), _count(resp, out_key)
+            if found_in is not None or found_out is not None:
+                input_tokens, output_tokens, has_usage = found_in or 0, found_out or 0, True
+                break
+    response = entry.response
+    status = response.response_code.value if response.HasField("response_code") else 0
     return UsageRecord(
-        reservation=reservation,
-        tenant=_string(authz, TENANT_KEY),
-        request_model=_string(_fields(metadata, REQUEST_NAMESPACE), "model"),
-        served_model=_string(resp, "model"),
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        status=int(status),
-        has_usage=has_usage,
+        reservation,
+        _string(authz, TENANT_KEY),
+        _string(_fields(filter_metadata, REQUEST_NAMESPACE), "model"),
+        _string(resp, "model"),
+        input_tokens,
+        output_tokens,
+        int(status),
+        has_usage,
     )
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    """``AccessLogService/StreamAccessLogs``: every HTTP entry with a reservation → ``on_usage``."""
+    """``AccessLogService/StreamAccessLogs``: the HTTP entries with a reservation → ``on_usages`` (one call per
+    message) or ``on_usage`` (one call per record)."""
 
-    def __init__(self, on_usage: OnUsage, *, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, on_usage: OnUsage, *, on_usages: OnUsages | None = None, logger: logging.Logger | None = None
+    ) -> None:
         self._on_usage = on_usage
+        self._on_usages = on_usages
         self._log = logger or logging.getLogger("ext_proc")
 
     async def StreamAccessLogs(  # noqa: N802 (the gRPC method's name)
@@ -146,19 +151,36 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         async for message in request_iterator:
             if message.WhichOneof("log_entries") != "http_logs":
                 continue  # TCP entries: nothing to settle
-            for entry in message.http_logs.log_entry:
-                record = usage_from_entry(entry)
-                if record is not None:
-                    await self._deliver(record)
+            records = [r for r in map(usage_from_entry, message.http_logs.log_entry) if r is not None]
+            if not records:
+                continue
+            if self._on_usages is not None and await self._deliver_all(records):
+                continue
+            for record in records:
+                await self._deliver(record)
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _deliver_all(self, records: Sequence[UsageRecord]) -> bool:
+        """True when ``on_usages`` took the batch; False (logged) when it failed and the records must go one by
+        one."""
+        assert self._on_usages is not None
+        try:
+            await self._on_usages(records)
+        except Exception as exc:  # noqa: BLE001 (retried record by record: one bad record must not cost the batch)
+            self._log.error(json.dumps(_error_line("usage_batch_error", exc) | {"records": len(records)}))
+            return False
+        return True
 
     async def _deliver(self, record: UsageRecord) -> None:
         try:
             await self._on_usage(record)
         except Exception as exc:  # noqa: BLE001 (one bad record must not end Envoy's stream and lose the batch)
-            frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
-            line = {"event": "usage_error", "reservation": record.reservation, "error": type(exc).__name__}
-            self._log.error(json.dumps(line | {"stack": frames}))
+            self._log.error(json.dumps(_error_line("usage_error", exc) | {"reservation": record.reservation}))
+
+
+def _error_line(event: str, exc: BaseException) -> dict[str, Any]:
+    frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
+    return {"event": event, "error": type(exc).__name__, "stack": frames}
 
 
 async def serve_grpc(
@@ -166,6 +188,7 @@ async def serve_grpc(
     port: int,
     *,
     on_usage: OnUsage,
+    on_usages: OnUsages | None = None,
     processor: Any | None = None,
     logger: logging.Logger | None = None,
 ) -> grpc.aio.Server:
@@ -174,7 +197,8 @@ async def serve_grpc(
     it with ``await server.stop(grace)``. Raises OSError when the address cannot be bound."""
     # No SO_REUSEPORT: a second service on the same port must fail here, not silently share Envoy's streams.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(on_usage, logger=logger), server)
+    servicer = AccessLogServicer(on_usage, on_usages=on_usages, logger=logger)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(servicer, server)
     if processor is not None:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

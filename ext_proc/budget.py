@@ -1,11 +1,12 @@
 """Budget stages: each of a tenant's ``alerts_at`` shares of its daily budget, emitted once per UTC day.
 
 The budget is the tenant's USD per day, or its tokens per day when it has no USD limit; a tenant with neither (or
-no ``alerts_at``) has no stages. After every reserve and settle the ledger hands the tenant's window totals here:
-the used ratio goes to a gauge, and every stage at or below it that was not yet emitted today is. "Once" holds
-across replicas: the store's :meth:`~ext_proc.store.base.Store.mark_once` lets exactly one caller take a stage's
-mark for the day. Each process also remembers the stages it saw marked today, so the store is asked at most once
-per stage, day and process — a request that crosses nothing costs a few float operations.
+no ``alerts_at``) has no stages. After every reserve, settle (or batch of settles) and sweep the ledger hands the
+tenant's window totals here: the used ratio goes to a gauge, and every stage at or below it that was not yet
+emitted today is. "Once" holds across replicas: the store's :meth:`~ext_proc.store.base.Store.mark_once` lets
+exactly one caller take a stage's mark for the day. Each process also remembers the stages it saw marked today, so
+the store is asked at most once per stage, day and process — a request that crosses nothing costs a few float
+operations.
 
 An emitted stage is a count in ``meshgen_budget_alerts_total{tenant,stage}``, one JSON log line
 ``{"event": "budget_alert", "tenant", "stage", "used_ratio", "limit", "budget"}`` and, when the config names an

@@ -14,7 +14,9 @@ refused it, so that a non-critical request may wait for it. A budget that is ful
 that costs nothing (a model without a price); a cheaper one fits only while some budget is left.
 
 After every admitted reserve, settle and sweep the tenant's totals go to :class:`~ext_proc.budget.BudgetAlerts`
-(the used-ratio gauge and the 80/90/100 % stages) and settled tokens and dollars to the metrics.
+(the used-ratio gauge and the 80/90/100 % stages) and settled tokens and dollars to the metrics; a batch of settles
+(:meth:`Ledger.settle_many`, one access-log message) goes to the store in one call and reads each tenant's totals
+back once, after its last settle, so a stage crossed anywhere in the batch is seen.
 
 The store down (Redis unreachable or timing out — its client is bounded to ~0.2 s a call —, SQLite locked past
 its busy timeout; :data:`STORE_DOWN`): the ledger is *degraded* (gauge ``meshgen_ledger_degraded`` 1, one JSON log
@@ -45,7 +47,7 @@ import math
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,7 +59,7 @@ from ext_proc.config import ModelConfig, ServiceConfig
 from ext_proc.errors import BudgetExceeded, LedgerUnavailable, LimitExceeded
 from ext_proc.metrics import Metrics
 from ext_proc.store import _ledger as L
-from ext_proc.store.base import MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Store, Verdict
+from ext_proc.store.base import MINUTE_S, Cost, Limit, Limits, Settled, SettleItem, SettleState, Store, Verdict
 from ext_proc.store.memory import MemoryStore
 from ext_proc.tokens import estimate_prompt_tokens
 
@@ -106,6 +108,7 @@ def _max_tokens(request: Mapping[str, Any], default: int) -> int:
 
 
 _BUDGET_LIMITS = frozenset({Limit.USD_PER_DAY, Limit.TPD})
+_NOTHING = Cost(0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,10 @@ class Ledger:
         self._replayed: dict[str, tuple[str, float]] = {}
         """Replayed local id → (the store's id, when), in replay order (:meth:`_forget_replayed` drops the old)."""
         self._probe_tenant = next(iter(config.tenants), "meshgen-probe")
+        self.inline: Final = bool(getattr(store, "never_suspends", False))
+        """True when the store's coroutines never suspend (SQLite, memory): :meth:`reserve` then needs no task of
+        its own unless a hold queue makes it wait — the HTTP server runs it at once (a Redis call must run in a
+        task: redis-py's timeouts need one)."""
 
     def estimate(self, model: str, request: Mapping[str, Any]) -> Cost:
         """Prompt tokens counted with the real tokenizer, plus the most the reply may use."""
@@ -237,20 +244,26 @@ class Ledger:
         headers = _rate_limit_headers(limits, verdict, now)
         return error(message, tenant=tenant, model=model, headers=headers, limit=refused_by.value)
 
+    def _priced(self, usage: UsageRecord) -> tuple[Cost, int, int] | None:
+        """(cost, input tokens, output tokens) a usage settles at, priced as the model that served it; None when
+        it does not settle (a success without usage: the sweep settles it at its reservation)."""
+        if usage.has_usage:
+            spec = self._by_upstream.get(usage.served_model or usage.request_model or "")
+            tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
+            return Cost(tokens_in + tokens_out, _price(spec, tokens_in, tokens_out)), tokens_in, tokens_out
+        if usage.status >= 400:
+            return _NOTHING, 0, 0
+        return None
+
     async def settle(self, usage: UsageRecord) -> Settled | None:
         """The count replaces the reservation, priced as the model that served it: exact from the provider, or
         estimated (a cut stream counted with the tokenizer; never replaces an exact count). A failed request the
         provider answered without usage is billed nothing; a successful one without usage stays open until the
         sweep settles it at its reservation."""
-        if usage.has_usage:
-            spec = self._by_upstream.get(usage.served_model or usage.request_model or "")
-            tokens_in, tokens_out = usage.input_tokens, usage.output_tokens
-            cost = Cost(tokens_in + tokens_out, _price(spec, tokens_in, tokens_out))
-        elif usage.status >= 400:
-            tokens_in = tokens_out = 0
-            cost = Cost(0, 0.0)
-        else:
+        priced = self._priced(usage)
+        if priced is None:
             return None
+        cost, tokens_in, tokens_out = priced
         now = self._clock()
         state = SettleState.ESTIMATED if usage.estimated else SettleState.EXACT
         settled = await self._settle(usage.reservation, cost, now, state)
@@ -261,6 +274,70 @@ class Ledger:
                 self.metrics.settled_exact(settled.tenant, settled.model, tokens_in, tokens_out, cost.usd)
             await self._observe(settled.tenant, now)
         return settled
+
+    async def settle_many(self, usages: Sequence[UsageRecord]) -> list[Settled | None]:
+        """:meth:`settle` of each usage, in order — one access-log message — with the store asked once
+        (:meth:`~ext_proc.store.base.Store.settle_many`) and the budget stages checked once per tenant, after the
+        whole batch. Each usage is routed as :meth:`settle` routes it (memory, the store, or kept for the
+        replay while the store is down). One result per usage."""
+        now = self._clock()
+        results: list[Settled | None] = [None] * len(usages)
+        counts: list[tuple[int, int, int, float] | None] = [None] * len(usages)
+        to_store: list[int] = []
+        items: list[SettleItem] = []
+        for i, usage in enumerate(usages):
+            priced = self._priced(usage)
+            if priced is None:
+                continue
+            cost, tokens_in, tokens_out = priced
+            counts[i] = (cost.tokens, tokens_in, tokens_out, cost.usd)
+            state = SettleState.ESTIMATED if usage.estimated else SettleState.EXACT
+            reservation = usage.reservation
+            if reservation.startswith(LOCAL_PREFIX):
+                target = self._replayed.get(reservation)
+                if target is None:
+                    results[i] = await self._local.settle(reservation, cost, now, state)  # never suspends
+                    continue
+                reservation = target[0]
+            to_store.append(i)
+            items.append((reservation, cost, state))
+        if items:
+            stored: list[Settled | None] | None = None
+            if self._degraded_since is None:
+                try:
+                    stored = await self._store.settle_many(items, now)
+                except STORE_DOWN as exc:
+                    self._store_down("settle", exc)
+            if stored is None:
+                for reservation, cost, state in items:
+                    self._keep(reservation, cost, now, state)
+            else:
+                for i, settled in zip(to_store, stored, strict=True):
+                    results[i] = settled
+        # Metrics summed per series (one increment each), stages once per tenant.
+        exact: dict[tuple[str, str], list[float]] = {}
+        estimated: dict[tuple[str, str], list[float]] = {}
+        for usage, settled, count in zip(usages, results, counts, strict=True):
+            if settled is None or count is None:
+                continue
+            tokens, tokens_in, tokens_out, usd = count
+            if usage.estimated:
+                sums = estimated.setdefault((settled.tenant, settled.model), [0, 0, 0.0])
+                sums[0] += 1
+                sums[1] += tokens
+            else:
+                sums = exact.setdefault((settled.tenant, settled.model), [0, 0, 0, 0.0])
+                sums[0] += 1
+                sums[1] += tokens_in
+                sums[2] += tokens_out
+            sums[-1] += usd
+        for (tenant, model), (n, sum_in, sum_out, usd) in exact.items():
+            self.metrics.settled_exact(tenant, model, int(sum_in), int(sum_out), usd, requests=int(n))
+        for (tenant, model), (n, sum_tokens, usd) in estimated.items():
+            self.metrics.settled_estimated(tenant, model, int(sum_tokens), usd, requests=int(n))
+        for tenant in dict.fromkeys(key[0] for key in [*exact, *estimated]):
+            await self._observe(tenant, now)
+        return results
 
     async def _settle(self, reservation: str, cost: Cost, now: float, state: SettleState) -> Settled | None:
         """Where the reservation lives: in memory (``local:``, not replayed yet), or in the store (its own id, or
@@ -276,11 +353,15 @@ class Ledger:
                 return await self._store.settle(reservation, cost, now, state)
             except STORE_DOWN as exc:
                 self._store_down("settle", exc)
+        self._keep(reservation, cost, now, state)
+        return None
+
+    def _keep(self, reservation: str, cost: Cost, now: float, state: SettleState) -> None:
+        """A settle of a store reservation the store could not take now: replayed by :meth:`reconcile`."""
         if len(self._kept_settles) == MAX_KEPT_SETTLES:
             self._kept_settles.popleft()
             self.metrics.ledger_errors.labels("settle_dropped").inc()
         self._kept_settles.append((reservation, cost, now, state))
-        return None
 
     async def sweep(self) -> list[Settled]:
         """Settle, at their estimate, reservations whose usage is overdue: the bound on lost accounting. Local

@@ -155,7 +155,12 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
         if args.grpc_port is not None:
             processor = ExternalProcessor(config, stream_settle(ledger), logger=logger)
             access_log = await serve_grpc(
-                host, args.grpc_port, on_usage=ledger.settle, processor=processor, logger=logger
+                host,
+                args.grpc_port,
+                on_usage=ledger.settle,
+                on_usages=ledger.settle_many,
+                processor=processor,
+                logger=logger,
             )
             print(f"{PROG} access log and ext_proc on {host}:{args.grpc_port}", file=sys.stderr, flush=True)
         bound_host, bound_port = await server.start(host, port)

@@ -86,6 +86,8 @@ class Metrics:
         )
         self._refusals: dict[tuple[str | None, str], Counter] = {}
         self._budget_used: dict[str, Gauge] = {}
+        self._exact: dict[tuple[str, str], tuple[Counter, Counter, Counter, Counter]] = {}
+        self._estimated: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
 
     def tenant(self, name: str | None) -> str:
         return name if name in self._tenants else OTHER
@@ -105,18 +107,44 @@ class Metrics:
             child = self._budget_used[tenant] = self.budget_used.labels(self.tenant(tenant))
         child.set(ratio)
 
-    def settled_exact(self, tenant: str, model: str, input_tokens: int, output_tokens: int, usd: float) -> None:
-        t, m = self.tenant(tenant), self.model(model)
-        self.tokens.labels(t, m, "input", "exact").inc(input_tokens)
-        self.tokens.labels(t, m, "output", "exact").inc(output_tokens)
-        self.cost.labels(t, m, "exact").inc(usd)
-        self.settled.labels(t, m, "exact").inc()
+    def settled_exact(
+        self, tenant: str, model: str, input_tokens: int, output_tokens: int, usd: float, *, requests: int = 1
+    ) -> None:
+        """`requests` settled with the provider's counts, these their sums."""
+        tokens_in, tokens_out, cost, settled = self._exact_children(tenant, model)
+        tokens_in.inc(input_tokens)
+        tokens_out.inc(output_tokens)
+        cost.inc(usd)
+        settled.inc(requests)
 
-    def settled_estimated(self, tenant: str, model: str, tokens: int, usd: float) -> None:
-        t, m = self.tenant(tenant), self.model(model)
-        self.tokens.labels(t, m, "total", "estimated").inc(tokens)
-        self.cost.labels(t, m, "estimated").inc(usd)
-        self.settled.labels(t, m, "estimated").inc()
+    def settled_estimated(self, tenant: str, model: str, tokens: int, usd: float, *, requests: int = 1) -> None:
+        """`requests` settled at an estimate, these their sums."""
+        key = (tenant, model)
+        children = self._estimated.get(key)
+        if children is None:
+            t, m = self.tenant(tenant), self.model(model)
+            children = self._estimated[key] = (
+                self.tokens.labels(t, m, "total", "estimated"),
+                self.cost.labels(t, m, "estimated"),
+                self.settled.labels(t, m, "estimated"),
+            )
+        total, cost, settled = children
+        total.inc(tokens)
+        cost.inc(usd)
+        settled.inc(requests)
+
+    def _exact_children(self, tenant: str, model: str) -> tuple[Counter, Counter, Counter, Counter]:
+        key = (tenant, model)
+        children = self._exact.get(key)
+        if children is None:
+            t, m = self.tenant(tenant), self.model(model)
+            children = self._exact[key] = (
+                self.tokens.labels(t, m, "input", "exact"),
+                self.tokens.labels(t, m, "output", "exact"),
+                self.cost.labels(t, m, "exact"),
+                self.settled.labels(t, m, "exact"),
+            )
+        return children
 
     def downgraded(self, tenant: str, model: str) -> None:
         self.downgrades.labels(self.tenant(tenant), self.model(model)).inc()

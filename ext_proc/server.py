@@ -26,7 +26,8 @@ import asyncio
 import json
 import logging
 import traceback
-from collections.abc import Coroutine, Sequence
+import types
+from collections.abc import Awaitable, Coroutine, Generator, Sequence
 from typing import Any, Final
 
 import httptools
@@ -64,9 +65,30 @@ _KEEP_ALIVE_END: Final = b"\r\n"
 _KEEP_ALIVE_10_END: Final = b"connection: keep-alive\r\n\r\n"  # HTTP/1.0 keep-alive must be announced
 _CLOSE_END: Final = b"connection: close\r\n\r\n"
 _AUTHZ_PREFIX: Final = b"/authz/"
+_NO_BODY: Final = b"\r\ncontent-length: 0\r\n"
 
 Answer = tuple[bytes, bytes] | Coroutine[Any, Any, tuple[bytes, bytes]]
 """(head without the final blank line, body), or a coroutine making it."""
+Reply = tuple[bytes, bytes]
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Reply], yielded: Any) -> Generator[Any, Any, Reply]:
+    """Await the rest of `coro`, which was started outside a task and suspended on `yielded` (what an awaited
+    future yields to its task): every value and exception the task sends goes on to `coro`."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # the task's cancellation, or a future's exception: coro sees it
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 def _head(status: int, headers: tuple[tuple[str, str], ...], content_length: int) -> bytes:
@@ -100,6 +122,8 @@ class Server:
         self._log = logger if logger is not None else logging.getLogger("ext_proc")
         self._admission = admission if admission is not None else Admission(config)
         self._ledger = ledger
+        self.inline_answers = ledger is not None and ledger.inline
+        """Run an answer's coroutine at once, outside a task (:attr:`Ledger.inline`)."""
         if metrics is None:
             metrics = ledger.metrics if ledger is not None else Metrics(config)
         self.metrics = metrics
@@ -108,6 +132,12 @@ class Server:
         self._allow: dict[str, bytes] = {
             tenant: _head(200, (("x-meshgen-tenant", tenant),), 0) for tenant in config.tenants
         }
+        self._reserved: dict[str, bytes] = {
+            tenant: _head(200, (("x-meshgen-tenant", tenant),), 0).removesuffix(b"content-length: 0\r\n")
+            + b"x-meshgen-reservation: "
+            for tenant in config.tenants
+        }
+        """Per tenant: the head of an admitted request up to its reservation id."""
         self._healthz = _head(200, (("content-type", "text/plain"),), 2), b"ok"
         self._server: asyncio.Server | None = None
         self._connections: set[_HttpProtocol] = set()
@@ -192,12 +222,14 @@ class Server:
         except Exception as exc:
             self.log_internal_error(exc)
             return self.refusal(ServiceUnavailable())
+        if reserved.downgraded_from is None:
+            return self._reserved[admitted.tenant] + reserved.reservation.encode("latin-1") + _NO_BODY, b""
         headers: tuple[tuple[str, str], ...] = (
             ("x-meshgen-tenant", admitted.tenant),
             ("x-meshgen-reservation", reserved.reservation),
+            ("x-meshgen-route", reserved.model),
+            ("x-meshgen-downgraded-from", reserved.downgraded_from),
         )
-        if reserved.downgraded_from is not None:
-            headers += (("x-meshgen-route", reserved.model), ("x-meshgen-downgraded-from", reserved.downgraded_from))
         return _head(200, headers, 0), b""
 
     def refusal(self, err: ApiError) -> tuple[bytes, bytes]:
@@ -365,14 +397,29 @@ class _HttpProtocol(asyncio.Protocol):
 
     def _send(self, answer: Answer, end: bytes) -> None:
         """Write an answer now if nothing is ahead of it; otherwise after those ahead, so pipelined requests
-        are answered in order even when one waits for the ledger."""
-        if isinstance(answer, tuple) and self._pending is None:
+        are answered in order even when one waits for the ledger. With nothing ahead and a ledger whose store
+        never suspends (SQLite, memory: :attr:`Ledger.inline`), a coroutine answer is run at once, here: when it
+        finishes without suspending its answer is written now, without a task; otherwise (a hold) a task
+        finishes it."""
+        if self._pending is None and (isinstance(answer, tuple) or self._server.inline_answers):
+            if isinstance(answer, tuple):
+                reply = answer
+            else:
+                try:
+                    yielded = answer.send(None)
+                except StopIteration as done:
+                    reply = done.value
+                else:
+                    self._pending = asyncio.ensure_future(self._send_later(None, _resume(answer, yielded), end))
+                    return
             assert self._transport is not None
-            self._transport.write(answer[0] + end + answer[1])
+            self._transport.write(reply[0] + end + reply[1])
             return
         self._pending = asyncio.ensure_future(self._send_later(self._pending, answer, end))
 
-    async def _send_later(self, ahead: asyncio.Future[None] | None, answer: Answer, end: bytes) -> None:
+    async def _send_later(
+        self, ahead: asyncio.Future[None] | None, answer: Reply | Awaitable[Reply], end: bytes
+    ) -> None:
         if ahead is not None:
             await ahead
         head, payload = answer if isinstance(answer, tuple) else await answer

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import uuid
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 
 from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits
 
@@ -42,8 +43,8 @@ def from_micro(micro: int) -> float:
 
 
 def new_id() -> str:
-    """A reservation id: random (uuid4), never derived from the time."""
-    return uuid.uuid4().hex
+    """A reservation id: 128 random bits (``os.urandom``) as 32 hex digits, never derived from the time."""
+    return os.urandom(16).hex()
 
 
 def check_cost(cost: Cost) -> None:
@@ -71,6 +72,27 @@ def additions(cost: Cost) -> dict[Limit, int]:
     return {Limit.RPM: 1, Limit.TPM: cost.tokens, Limit.TPD: cost.tokens, Limit.USD_PER_DAY: to_micro(cost.usd)}
 
 
+@functools.lru_cache(maxsize=4096)
+def caps(limits: Limits) -> tuple[int | None, int | None, int | None, int | None]:
+    """:func:`limit_values` as a tuple in ORDER (cached: a tenant's limits are one object)."""
+    return (
+        limits.rpm,
+        limits.tpm,
+        limits.tpd,
+        None if limits.usd_per_day is None else to_micro(limits.usd_per_day),
+    )
+
+
+def first_over(after: Sequence[int], limits: Limits) -> Limit | None:
+    """The first limit (in ORDER) that the totals `after` (ORDER: requests, tokens this minute, tokens today,
+    micro-dollars today, the reservation included) exceed; None when all fit. The same test as
+    :func:`first_violated` with ``after = current + adding``."""
+    for kind, cap, total in zip(ORDER, caps(limits), after, strict=True):
+        if cap is not None and total > cap:
+            return kind
+    return None
+
+
 def first_violated(current: Mapping[Limit, int], adding: Mapping[Limit, int], limits: Limits) -> Limit | None:
     """The first limit (in ORDER) that `current + adding` would exceed; None when all fit."""
     caps = limit_values(limits)
@@ -88,6 +110,12 @@ def retry_after(kind: Limit, now: float) -> int:
     else:
         end = day_bucket(now) + DAY_S
     return max(1, math.ceil(end - now))
+
+
+def used_of(totals: Sequence[int]) -> dict[Limit, float]:
+    """:func:`as_used` of the four totals in ORDER."""
+    rpm, tpm, tpd, usd = totals
+    return {Limit.RPM: rpm, Limit.TPM: tpm, Limit.TPD: tpd, Limit.USD_PER_DAY: usd / MICRO}
 
 
 def as_used(raw: Mapping[Limit, int]) -> dict[Limit, float]:

@@ -19,6 +19,7 @@ estimate counts them with a real tokenizer) and nothing on the output side, whic
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -81,6 +82,10 @@ class Settled:
     """What the reservation counts now: the exact cost (EXACT) or its reserved estimate (ESTIMATED)."""
 
 
+SettleItem = tuple[str, Cost, SettleState]
+"""One settle of :meth:`Store.settle_many`: (reservation, cost, state)."""
+
+
 class Store(Protocol):
     async def reserve(self, tenant: str, model: str, cost: Cost, limits: Limits, now: float) -> Verdict:
         """Atomically: if adding `cost` (and one request) keeps every limited window within its limit, add it and
@@ -101,6 +106,13 @@ class Store(Protocol):
         current; a window the store no longer keeps is skipped (never re-created). The request count is not
         changed. An exact settle with a different cost after an exact one applies the delta too: the last exact
         cost wins. `now` is not used by the current stores (kept for symmetry and logging)."""
+        ...
+
+    async def settle_many(self, items: Sequence[SettleItem], now: float) -> list[Settled | None]:
+        """:meth:`settle` of each item in order — the same results, one per item, as that many calls would give
+        (a reservation may appear more than once: each item sees the ones before it) — in one go: SQLite in one
+        transaction (all or nothing), Redis in one round trip (each settle atomic; settles are idempotent, so a
+        batch cut short may be applied again). Raises ValueError, changing nothing, when a cost is negative."""
         ...
 
     async def expire(self, reserved_before: float, now: float) -> list[Settled]:

@@ -12,10 +12,12 @@ the other stores. Every method runs without awaiting, so each is atomic on the e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from ext_proc.store import _ledger as L
-from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Verdict
+from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits, Settled, SettleItem, SettleState, Verdict
 
 __all__ = ["LocalReservation", "MemoryStore"]
 
@@ -49,6 +51,9 @@ class LocalReservation:
 
 class MemoryStore:
     """``Store`` in a few dicts. One object per process; not thread-safe (the event loop's thread only)."""
+
+    never_suspends: Final = True
+    """Its coroutines finish without awaiting anything (see :attr:`ext_proc.ledger.Ledger.inline`)."""
 
     def __init__(self, *, id_prefix: str = "") -> None:
         self.id_prefix = id_prefix
@@ -91,6 +96,11 @@ class MemoryStore:
         self._shift(r, cost.tokens - r.tokens, usd_micro - r.usd_micro)
         r.tokens, r.usd_micro, r.state = cost.tokens, usd_micro, state.value
         return settled
+
+    async def settle_many(self, items: Sequence[SettleItem], now: float) -> list[Settled | None]:
+        for _, cost, _ in items:
+            L.check_cost(cost)
+        return [await self.settle(reservation, cost, now, state) for reservation, cost, state in items]
 
     async def expire(self, reserved_before: float, now: float) -> list[Settled]:
         due = sorted(

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ext_proc.store import _ledger as L
-from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits, Settled, SettleState, Verdict
+from ext_proc.store.base import DAY_S, MINUTE_S, Cost, Limit, Limits, Settled, SettleItem, SettleState, Verdict
 
 __all__ = ["RedisStore"]
 
@@ -220,6 +220,30 @@ class RedisStore:
             return None
         tenant, model = _text(reply[0]), _text(reply[1])
         return Settled(reservation, tenant, model, state, Cost(cost.tokens, L.from_micro(usd_micro)))
+
+    async def settle_many(self, items: Sequence[SettleItem], now: float) -> list[Settled | None]:
+        """The settle script once per item, in one pipeline (one round trip, no MULTI: each script is atomic)."""
+        for _, cost, _ in items:
+            L.check_cost(cost)
+        if not items:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        micros = [L.to_micro(cost.usd) for _, cost, _ in items]
+        for (reservation, cost, state), usd_micro in zip(items, micros, strict=True):
+            await self._settle(
+                keys=[f"{self._prefix}r:{reservation}", self._open_key],
+                args=[cost.tokens, usd_micro, reservation, state.value],
+                client=pipe,
+            )
+        replies = await pipe.execute()
+        results: list[Settled | None] = []
+        for (reservation, cost, state), usd_micro, reply in zip(items, micros, replies, strict=True):
+            if reply is None:
+                results.append(None)
+            else:
+                cost_now = Cost(cost.tokens, L.from_micro(usd_micro))
+                results.append(Settled(reservation, _text(reply[0]), _text(reply[1]), state, cost_now))
+        return results
 
     async def expire(self, reserved_before: float, now: float) -> list[Settled]:
         settled: list[Settled] = []

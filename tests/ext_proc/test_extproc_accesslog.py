@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -255,3 +256,44 @@ def test_entries_map_to_records() -> None:
     assert (half.has_usage, half.input_tokens, half.output_tokens, half.status, half.tenant) == (True, 0, 5, 0, None)
     junk = usage_from_entry(_entry({"x-meshgen-reservation": "r"}, {"prompt_tokens": -1, "completion_tokens": "x"}))
     assert junk is not None and not junk.has_usage and (junk.input_tokens, junk.output_tokens) == (0, 0)
+
+
+# ---- one message, one batch ----------------------------------------------------------------------------------------
+def _stream(*batches: list[Any]) -> Any:
+    from envoy.service.accesslog.v3 import als_pb2
+
+    async def messages() -> Any:
+        for entries in batches:
+            message = als_pb2.StreamAccessLogsMessage()
+            message.http_logs.log_entry.extend(entries)
+            yield message
+
+    return messages()
+
+
+def test_a_message_is_one_batch_and_a_failed_batch_goes_record_by_record() -> None:
+    from ext_proc.accesslog import AccessLogServicer
+
+    one: list[str] = []
+    batches: list[list[str]] = []
+
+    async def on_usage(record: UsageRecord) -> None:
+        if record.reservation == "bad":
+            raise RuntimeError("a bad record")
+        one.append(record.reservation)
+
+    async def on_usages(records: Any) -> None:
+        if any(r.reservation == "bad" for r in records):
+            raise RuntimeError("a bad record in the batch")
+        batches.append([r.reservation for r in records])
+
+    def entry(reservation: str | None) -> Any:
+        authz = {} if reservation is None else {"x-meshgen-reservation": reservation}
+        return _entry(authz, {"prompt_tokens": 1, "completion_tokens": 2})
+
+    servicer = AccessLogServicer(on_usage, on_usages=on_usages, logger=logging.getLogger("test-als-batch"))
+    first = [entry("a"), entry(None), entry("b")]
+    second = [entry("c"), entry("bad"), entry("d")]
+    asyncio.run(servicer.StreamAccessLogs(_stream(first, [entry(None)], second), None))
+    assert batches == [["a", "b"]]  # an entry without a reservation is skipped; a message without any is no call
+    assert one == ["c", "d"]  # the failed batch again, one by one: only the bad record is lost

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from ext_proc.config import ServiceConfig
 from ext_proc.errors import LedgerUnavailable, LimitExceeded
 from ext_proc.ledger import LOCAL_PREFIX, Ledger
 from ext_proc.server import Server
-from ext_proc.store.base import DAY_S, Cost, Limit, Limits, Settled, SettleState, Verdict
+from ext_proc.store.base import DAY_S, Cost, Limit, Limits, Settled, SettleItem, SettleState, Verdict
 from ext_proc.store.memory import MemoryStore
 from tests.ext_proc.kit import LogLines, capture_log, sha256_hex
 
@@ -76,6 +76,10 @@ class FlakyStore:
     ) -> Settled | None:
         self._check()
         return await self.inner.settle(reservation, cost, now, state)
+
+    async def settle_many(self, items: Sequence[SettleItem], now: float) -> list[Settled | None]:
+        self._check()
+        return await self.inner.settle_many(items, now)
 
     async def expire(self, reserved_before: float, now: float) -> list[Settled]:
         self._check()
@@ -306,3 +310,50 @@ def test_budget_stages_while_degraded_are_marked_in_the_store_on_recovery() -> N
         assert len(lines.of("budget_alert")) == 1  # not emitted again
 
     run(scenario, config(tpd=20))
+
+
+def test_settle_many_routes_each_usage_as_settle_does() -> None:
+    """One access-log batch mixing a store reservation, a local one, a replayed local one and an unknown id, with
+    the store up, then down (kept and replayed), then up again: every count lands once, where settle puts it."""
+
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
+        in_store = (await ledger.reserve("acme", "m", HI)).reservation
+        store.down = True
+        replayed, local = [(await ledger.reserve("acme", "m", HI)).reservation for _ in range(2)]
+        assert replayed.startswith(LOCAL_PREFIX) and local.startswith(LOCAL_PREFIX)
+        batch = [usage(in_store, 7, 3), usage(local, 7, 1), usage("unknown", 1, 1)]
+        results = await ledger.settle_many(batch)
+        assert results[0] is None and results[2] is None  # store ids: kept for the replay
+        assert results[1] is not None and results[1].cost.tokens == 8  # settled in memory at once
+        assert tokens(await ledger.local.used("acme", T)) == ESTIMATE + 8
+        store.down = False
+        assert await ledger.reconcile() is True
+        assert tokens(await store.inner.used("acme", T)) == 10 + ESTIMATE + 8  # the kept settle replayed
+        # After the replay: both local ids now settle in the store, once, whatever the batch repeats.
+        again = await ledger.settle_many([usage(replayed, 7, 3), usage(local, 7, 1), usage(replayed, 7, 3)])
+        assert [r is not None and not r.reservation.startswith(LOCAL_PREFIX) for r in again] == [True] * 3
+        assert tokens(await store.inner.used("acme", T)) == 10 + 10 + 8
+        exact = {"tenant": "acme", "model": "m", "count": "exact"}
+        assert sample(ledger, "meshgen_settled_requests_total", exact) == 4  # as settle: a kept settle is not counted
+
+    run(scenario, config())
+
+
+def test_settle_many_checks_budget_stages_once_per_tenant_after_the_batch() -> None:
+    async def scenario(ledger: Ledger, store: FlakyStore, lines: LogLines, clock: Clock) -> None:
+        rids = [(await ledger.reserve("acme", "m", {**HI, "max_tokens": 1})).reservation for _ in range(2)]
+        assert lines.of("budget_alert") == []  # 2 × 8 of 40 tokens
+        reads = 0
+        used = store.used
+
+        async def counted(tenant: str, now: float) -> dict[Limit, float]:
+            nonlocal reads
+            reads += 1
+            return await used(tenant, now)
+
+        store.used = counted  # type: ignore[method-assign]
+        await ledger.settle_many([usage(rids[0], 7, 3), usage(rids[1], 7, 13)])  # 10 + 20 of 40: crosses 50 %
+        assert reads == 1
+        assert [e["stage"] for e in lines.of("budget_alert")] == [0.5]
+
+    run(scenario, config(tpd=40))

@@ -279,6 +279,71 @@ def test_negative_cost_rejected(open_store: OpenStore) -> None:
     run(open_store, scenario)
 
 
+def test_settle_many_is_settle_of_each_in_order(open_store: OpenStore) -> None:
+    """The same settles, one by one for tenant `one` and in one settle_many for tenant `many`: the same results
+    and the same windows — repeats of one id, an estimate after an exact count and unknown ids included."""
+
+    async def scenario(s: Store) -> None:
+        plans: dict[str, list[str]] = {}
+        for tenant in ("one", "many"):
+            ids = [(await s.reserve(tenant, "m", Cost(100, 0.1), Limits(), T)).reservation or "" for _ in range(4)]
+            plans[tenant] = ids
+
+        def steps(ids: list[str]) -> list[tuple[str, Cost, SettleState]]:
+            a, b, c, _ = ids  # the fourth stays open
+            return [
+                (a, Cost(40, 0.04), SettleState.EXACT),
+                (b, Cost(30, 0.03), SettleState.ESTIMATED),
+                ("0" * 32, Cost(1, 0.0), SettleState.EXACT),
+                (a, Cost(45, 0.045), SettleState.EXACT),  # the last exact count wins
+                (a, Cost(5, 0.005), SettleState.ESTIMATED),  # never replaces an exact one: None
+                (b, Cost(35, 0.035), SettleState.EXACT),  # an exact count replaces the estimate
+                (c, Cost(100, 0.1), SettleState.EXACT),  # the estimate itself, made exact
+                (a, Cost(45, 0.045), SettleState.EXACT),  # the same exact count again: no change
+                ("nope", Cost(1, 0.0), SettleState.ESTIMATED),
+            ]
+
+        one = [await s.settle(r, cost, T + 5, state) for r, cost, state in steps(plans["one"])]
+        many = await s.settle_many(steps(plans["many"]), T + 5)
+        assert len(many) == len(one)
+        for x, y in zip(one, many, strict=True):
+            assert (x is None) == (y is None)
+            if x is not None and y is not None:
+                assert (x.tenant, y.tenant) == ("one", "many")
+                assert (x.model, x.state, x.cost) == (y.model, y.state, y.cost)
+        assert [x is None for x in many] == [False, False, True, False, True, False, False, False, True]
+        assert await s.used("many", T + 5) == await s.used("one", T + 5) == used(4, 280, 280, 0.28)
+        assert await s.settle_many([], T + 5) == []
+
+    run(open_store, scenario)
+
+
+def test_settle_many_spans_windows_and_tenants(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        next_minute = MINUTE0 + MINUTE_S + 5
+        a = (await s.reserve("acme", "m", Cost(100, 0.1), Limits(), T)).reservation or ""
+        b = (await s.reserve("acme", "m", Cost(100, 0.1), Limits(), next_minute)).reservation or ""
+        c = (await s.reserve("zeta", "m", Cost(100, 0.1), Limits(), T)).reservation or ""
+        items = [(a, Cost(10, 0.01), SettleState.EXACT), (b, Cost(20, 0.02), SettleState.EXACT)]
+        settled = await s.settle_many([*items, (c, Cost(300, 0.3), SettleState.EXACT)], next_minute)
+        assert [(x.reservation, x.tenant) for x in settled if x is not None] == [(a, "acme"), (b, "acme"), (c, "zeta")]
+        assert await s.used("acme", T) == used(1, 10, 30, 0.03)
+        assert await s.used("acme", next_minute) == used(1, 20, 30, 0.03)
+        assert await s.used("zeta", T) == used(1, 300, 300, 0.3)
+
+    run(open_store, scenario)
+
+
+def test_settle_many_with_a_negative_cost_changes_nothing(open_store: OpenStore) -> None:
+    async def scenario(s: Store) -> None:
+        a = (await s.reserve("acme", "m", Cost(100, 0.1), Limits(), T)).reservation or ""
+        with pytest.raises(ValueError):
+            await s.settle_many([(a, Cost(10, 0.01), SettleState.EXACT), (a, Cost(-1, 0.0), SettleState.EXACT)], T)
+        assert await s.used("acme", T) == used(1, 100, 100, 0.1)
+
+    run(open_store, scenario)
+
+
 # ---- exactness and concurrency ----------------------------------------------------------------------
 
 
