@@ -40,7 +40,6 @@ __all__ = [
     "OnUsage",
     "OnUsages",
     "UsageRecord",
-    "serve_access_log",
     "serve_grpc",
     "usage_from_entry",
 ]
@@ -210,10 +209,3 @@ async def serve_grpc(
         raise OSError(f"cannot listen on {address}")
     await server.start()
     return server
-
-
-async def serve_access_log(
-    host: str, port: int, on_usage: OnUsage, *, logger: logging.Logger | None = None
-) -> grpc.aio.Server:
-    """:func:`serve_grpc` with the access-log service only."""
-    return await serve_grpc(host, port, on_usage=on_usage, logger=logger)

@@ -3,7 +3,7 @@
 What runs: the gateway `meshgen build` generates for tests/behaviour/policy.yaml (json_to_metadata request and
 response rules, ext_authz, RBAC, routes, the `envoy.access_loggers.http_grpc` logger and the
 `meshgen.service.grpc` cluster), run by the real Envoy, in front of the lab's mock providers. Its ALS cluster
-points at `ext_proc.accesslog.serve_access_log`, started in this process with a recording callback.
+points at `ext_proc.accesslog.serve_grpc`, started in this process with a recording callback.
 
 Its ext_authz cluster points at a stand-in for admission: a few lines of HTTP that allow every request for tenant
 `team` and answer a reservation `res-<user>` when the body names a `user` (none otherwise). The real service's
@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ext_proc.accesslog import UsageRecord, serve_access_log, usage_from_entry
+from ext_proc.accesslog import UsageRecord, serve_grpc, usage_from_entry
 from meshgen import output
 from meshgen.compile import compile_gateway, render_all
 from meshgen.ir.model import Gateway, Ports
@@ -41,7 +41,7 @@ WAIT = 5.0  # seconds; the logger flushes every 0.5 s
 
 # ---- the access-log service in this process ------------------------------------------------------------------
 class AccessLogThread:
-    """``serve_access_log`` on its own asyncio loop in a thread; records every UsageRecord it is given."""
+    """``serve_grpc`` (access log only) on its own asyncio loop in a thread; records every UsageRecord it is given."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -58,7 +58,7 @@ class AccessLogThread:
 
     def __enter__(self) -> AccessLogThread:
         self._thread.start()
-        start = serve_access_log("127.0.0.1", self.port, self._record)
+        start = serve_grpc("127.0.0.1", self.port, on_usage=self._record)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(WAIT)
         return self
 
