@@ -153,7 +153,9 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
     reconciler = asyncio.create_task(_reconcile(ledger, logger))
     try:
         if args.grpc_port is not None:
-            processor = ExternalProcessor(config, stream_settle(ledger), logger=logger)
+            processor = ExternalProcessor(
+                config, stream_settle(ledger), logger=logger, observe_ttft=ledger.metrics.ttft.observe
+            )
             access_log = await serve_grpc(
                 host,
                 args.grpc_port,

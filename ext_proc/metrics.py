@@ -44,6 +44,7 @@ __all__ = ["CONTENT_TYPE", "OTHER", "Metrics"]
 OTHER: Final = "other"
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _WAIT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -76,6 +77,13 @@ class Metrics:
         self.queue_depth = Gauge("meshgen_queue_depth", "Non-critical requests held.", ["tenant"], registry=r)
         self.queue_wait = Histogram(
             "meshgen_queue_wait_seconds", "Time held requests waited.", ["tenant"], buckets=_WAIT_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "meshgen_ttft_seconds",
+            "Streams: from the request reaching the gateway's ext_proc to the first response chunk (the provider's "
+            "time to first token plus the gateway's).",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.ledger_degraded = Gauge(
             "meshgen_ledger_degraded", "1 while the ledger's store does not answer.", registry=r

@@ -31,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol
 
 from envoy.config.core.v3 import base_pb2
@@ -111,7 +112,7 @@ _CONTINUE_RESPONSE_BODY: Final = pb.ProcessingResponse(response_body=pb.BodyResp
 class _Stream:
     """One request's state across its messages."""
 
-    __slots__ = ("counter", "count", "request", "reservation", "rewrite_to", "schema", "settled")
+    __slots__ = ("counter", "count", "request", "reservation", "rewrite_to", "schema", "settled", "started")
 
     def __init__(self, schema: str, count: bool) -> None:
         self.schema = schema
@@ -121,14 +122,24 @@ class _Stream:
         self.request: dict[str, Any] | None = None
         self.counter = SseCounter(schema)
         self.settled = False
+        self.started: float | None = None
+        """When the request headers arrived; cleared once the first response chunk is timed."""
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """``ExternalProcessor/Process``: one gRPC stream per request on the routes that enable the filter."""
 
-    def __init__(self, config: ServiceConfig, settle: Settle, *, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        settle: Settle,
+        *,
+        logger: logging.Logger | None = None,
+        observe_ttft: Callable[[float], None] | None = None,
+    ) -> None:
         self._upstream_names: dict[str, str] = {name: m.upstream_name for name, m in config.models.items()}
         self._settle = settle
+        self._observe_ttft = observe_ttft
         self._log = logger or logging.getLogger("ext_proc")
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -143,6 +154,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
+                    stream.started = time.monotonic()
                     stream.reservation = _header(message.request_headers, _RESERVATION)
                     if rewrite:
                         route = _header(message.request_headers, _ROUTE)
@@ -154,6 +166,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     yield _CONTINUE_RESPONSE_HEADERS
                 elif kind == "response_body":
                     body = message.response_body
+                    if stream.started is not None and self._observe_ttft is not None:
+                        self._observe_ttft(time.monotonic() - stream.started)
+                        stream.started = None
                     yield self._response_body(stream, body)
                     if body.end_of_stream:
                         self._finish(stream, cut=False)

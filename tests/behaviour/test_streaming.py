@@ -17,6 +17,7 @@ from meshgen.compile import compile_gateway
 from meshgen.ir.model import Gateway, Limits
 from tests.behaviour.conftest import DEV_KEY, POLICY, TEAM_KEY, Running, chat, running_gateway
 from tests.behaviour.test_accounting import used, wait_until_used
+from tests.behaviour.test_budgets import metrics
 
 DEV_UPSTREAM = "provider.backup.*"
 CLAUDE_UPSTREAM = "provider.claude.*"
@@ -89,6 +90,19 @@ def test_an_openai_stream_is_counted_exactly_and_the_client_sees_no_usage_it_did
     wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + 10)  # 7 + 3, the mock's usage, not 300 + prompt
     [log] = wait_settled(lab, mark)
     assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
+
+
+def test_time_to_first_token_is_a_histogram_of_the_service(lab: Running) -> None:
+    count, fast = (
+        ("meshgen_ttft_seconds_count", frozenset()),
+        ("meshgen_ttft_seconds_bucket", frozenset({("le", "0.1")})),
+    )
+    before = metrics(lab)
+    assert stream(lab, chat("dev-model", stream=True), mock="delay_ms=120")[0] == 200
+    after = metrics(lab)
+    assert after[count] == before.get(count, 0.0) + 1
+    # The mock waits 120 ms before it answers: that request lands above the 0.1 s bucket.
+    assert after[fast] == before.get(fast, 0.0)
 
 
 def test_a_client_that_asked_for_usage_sees_it(lab: Running) -> None:
