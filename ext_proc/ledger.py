@@ -259,27 +259,15 @@ class Ledger:
         """The count replaces the reservation, priced as the model that served it: exact from the provider, or
         estimated (a cut stream counted with the tokenizer; never replaces an exact count). A failed request the
         provider answered without usage is billed nothing; a successful one without usage stays open until the
-        sweep settles it at its reservation."""
-        priced = self._priced(usage)
-        if priced is None:
-            return None
-        cost, tokens_in, tokens_out = priced
-        now = self._clock()
-        state = SettleState.ESTIMATED if usage.estimated else SettleState.EXACT
-        settled = await self._settle(usage.reservation, cost, now, state)
-        if settled is not None:
-            if usage.estimated:
-                self.metrics.settled_estimated(settled.tenant, settled.model, cost.tokens, cost.usd)
-            else:
-                self.metrics.settled_exact(settled.tenant, settled.model, tokens_in, tokens_out, cost.usd)
-            await self._observe(settled.tenant, now)
-        return settled
+        sweep settles it at its reservation. (:meth:`settle_many` of one usage.)"""
+        return (await self.settle_many([usage]))[0]
 
     async def settle_many(self, usages: Sequence[UsageRecord]) -> list[Settled | None]:
         """:meth:`settle` of each usage, in order — one access-log message — with the store asked once
         (:meth:`~ext_proc.store.base.Store.settle_many`) and the budget stages checked once per tenant, after the
-        whole batch. Each usage is routed as :meth:`settle` routes it (memory, the store, or kept for the
-        replay while the store is down). One result per usage."""
+        whole batch. Each usage goes where its reservation lives: in memory (``local:``, not replayed yet), or in
+        the store (its own id, or the one a replayed ``local:`` id became); the store down, a store settle is kept
+        for the replay. One result per usage."""
         now = self._clock()
         results: list[Settled | None] = [None] * len(usages)
         counts: list[tuple[int, int, int, float] | None] = [None] * len(usages)
@@ -338,23 +326,6 @@ class Ledger:
         for tenant in dict.fromkeys(key[0] for key in [*exact, *estimated]):
             await self._observe(tenant, now)
         return results
-
-    async def _settle(self, reservation: str, cost: Cost, now: float, state: SettleState) -> Settled | None:
-        """Where the reservation lives: in memory (``local:``, not replayed yet), or in the store (its own id, or
-        the one a replayed ``local:`` id became). The store down: the settle is kept for the replay, and
-        answered from the memory of the reservation when there is one, else None."""
-        if reservation.startswith(LOCAL_PREFIX):
-            target = self._replayed.get(reservation)
-            if target is None:
-                return await self._local.settle(reservation, cost, now, state)
-            reservation = target[0]
-        if self._degraded_since is None:
-            try:
-                return await self._store.settle(reservation, cost, now, state)
-            except STORE_DOWN as exc:
-                self._store_down("settle", exc)
-        self._keep(reservation, cost, now, state)
-        return None
 
     def _keep(self, reservation: str, cost: Cost, now: float, state: SettleState) -> None:
         """A settle of a store reservation the store could not take now: replayed by :meth:`reconcile`."""

@@ -205,17 +205,17 @@ class Server:
     async def _reserve(self, admitted: Admitted, priority: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
         ledger = self._ledger
         assert ledger is not None
+
+        def attempt() -> Coroutine[Any, Any, Reserved]:
+            return ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+
         try:
             try:
-                reserved = await ledger.reserve(admitted.tenant, admitted.model, admitted.request)
+                reserved = await attempt()
             except LimitExceeded as err:
                 wait_s = self.queue.max_wait(admitted.tenant, priority) if err.limit in HELD_LIMITS else None
                 if wait_s is None:
                     raise
-
-                def attempt() -> Coroutine[Any, Any, Reserved]:
-                    return ledger.reserve(admitted.tenant, admitted.model, admitted.request)
-
                 reserved = await self.queue.hold(admitted.tenant, wait_s, err, attempt)
         except ApiError as err:
             return self.refusal(err)
