@@ -50,6 +50,7 @@ JOBS_KEY: Final = "x-meshgen-jobs"
 SCHEMA_KEY: Final = "x-meshgen-schema"
 _RESERVATION: Final = "x-meshgen-reservation"
 _ROUTE: Final = "x-meshgen-route"
+_REQUEST_ID: Final = "x-request-id"
 
 
 class Settle(Protocol):
@@ -112,12 +113,23 @@ _CONTINUE_RESPONSE_BODY: Final = pb.ProcessingResponse(response_body=pb.BodyResp
 class _Stream:
     """One request's state across its messages."""
 
-    __slots__ = ("counter", "count", "request", "reservation", "rewrite_to", "schema", "settled", "started")
+    __slots__ = (
+        "counter",
+        "count",
+        "request",
+        "request_id",
+        "reservation",
+        "rewrite_to",
+        "schema",
+        "settled",
+        "started",
+    )
 
     def __init__(self, schema: str, count: bool) -> None:
         self.schema = schema
         self.count = count
         self.reservation: str | None = None
+        self.request_id: str | None = None
         self.rewrite_to: str | None = None
         self.request: dict[str, Any] | None = None
         self.counter = SseCounter(schema)
@@ -156,6 +168,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if kind == "request_headers":
                     stream.started = time.monotonic()
                     stream.reservation = _header(message.request_headers, _RESERVATION)
+                    stream.request_id = _header(message.request_headers, _REQUEST_ID)
                     if rewrite:
                         route = _header(message.request_headers, _ROUTE)
                         stream.rewrite_to = self._upstream_names.get(route or "")
@@ -221,24 +234,29 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         # output count grows with every message_delta, so only a whole stream's is final.
         if counter.has_usage and (not cut or stream.schema == "openai"):
             assert counter.input_tokens is not None and counter.output_tokens is not None
-            self._spawn(stream.reservation, counter.model, counter.input_tokens, counter.output_tokens, False)
+            self._spawn(stream, counter.input_tokens, counter.output_tokens, False)
             return
         input_tokens = counter.input_tokens
         if input_tokens is None and stream.request is not None:
             input_tokens = estimate_prompt_tokens(stream.request)
         if input_tokens is None:
-            self._log.info(json.dumps({"event": "stream_unsettled", "reservation": stream.reservation}))
+            self._log.info(
+                json.dumps(
+                    {"event": "stream_unsettled", "reservation": stream.reservation, "request_id": stream.request_id}
+                )
+            )
             return  # the sweep settles it at the reserved estimate
         output_tokens = counter.output_tokens if counter.has_usage and counter.output_tokens is not None else 0
         output_tokens = max(output_tokens, counter.estimated_output_tokens())
-        self._spawn(stream.reservation, counter.model, input_tokens, output_tokens, True)
+        self._spawn(stream, input_tokens, output_tokens, True)
 
-    def _spawn(
-        self, reservation: str, model: str | None, input_tokens: int, output_tokens: int, estimated: bool
-    ) -> None:
+    def _spawn(self, stream: _Stream, input_tokens: int, output_tokens: int, estimated: bool) -> None:
+        reservation, model = stream.reservation, stream.counter.model
+        assert reservation is not None
         line = {
             "event": "stream_settled",
             "reservation": reservation,
+            "request_id": stream.request_id,
             "model": model,
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,

@@ -7,7 +7,7 @@ import http.client
 import json
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -29,6 +29,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         yield running
 
 
+class Streamed(NamedTuple):
+    status: int
+    body: bytes
+    """As far as it came."""
+    whole: bool
+    request_id: str
+    """The gateway's x-request-id, which the service's settle log carries."""
+
+
 def stream(
     lab: Running,
     body: Mapping[str, Any],
@@ -36,8 +45,8 @@ def stream(
     key: str = DEV_KEY,
     path: str = "/v1/chat/completions",
     mock: str | None = None,
-) -> tuple[int, bytes, bool]:
-    """POST a streaming request; (status, the body as far as it came, whether it came whole)."""
+) -> Streamed:
+    """POST a streaming request."""
     conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     if mock:
@@ -45,10 +54,11 @@ def stream(
     try:
         conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
         response = conn.getresponse()
+        request_id = response.getheader("x-request-id", "")
         try:
-            return response.status, response.read(), True
+            return Streamed(response.status, response.read(), True, request_id)
         except http.client.IncompleteRead as cut:
-            return response.status, cut.partial, False
+            return Streamed(response.status, cut.partial, False, request_id)
     finally:
         conn.close()
 
@@ -61,26 +71,28 @@ def events(body: bytes) -> list[Any]:
     ]
 
 
-def settled_logs(lab: Running, start: int) -> list[dict[str, Any]]:
-    return [e for e in lab_service_logs(lab, start) if e.get("event") == "stream_settled"]
+def settled_log(lab: Running, request_id: str) -> dict[str, Any] | None:
+    assert lab.service is not None and request_id
+    for line in lab.service.lines:
+        if request_id in line and line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("event") == "stream_settled" and entry.get("request_id") == request_id:
+                return entry
+    return None
 
 
-def lab_service_logs(lab: Running, start: int) -> list[dict[str, Any]]:
-    assert lab.service is not None
-    return [json.loads(line) for line in lab.service.lines[start:] if line.startswith("{")]
-
-
-def wait_settled(lab: Running, start: int, n: int = 1) -> list[dict[str, Any]]:
+def wait_settled(lab: Running, request_id: str) -> dict[str, Any]:
+    """The service's settle log of one request (found by its id: a previous stream's may be logged late)."""
     deadline = time.monotonic() + 5
-    while len(found := settled_logs(lab, start)) < n:
-        assert time.monotonic() < deadline, f"no stream_settled in {lab.service.lines[start:]}"
+    while (found := settled_log(lab, request_id)) is None:
+        assert time.monotonic() < deadline, f"no stream_settled for {request_id}"
         time.sleep(0.05)
     return found
 
 
 def test_an_openai_stream_is_counted_exactly_and_the_client_sees_no_usage_it_did_not_ask_for(lab: Running) -> None:
-    before, mark = used(lab, "dev"), len(lab.service.lines)
-    status, body, whole = stream(lab, chat("dev-model", stream=True, max_tokens=300))
+    before = used(lab, "dev")
+    status, body, whole, request_id = stream(lab, chat("dev-model", stream=True, max_tokens=300))
     assert (status, whole) == (200, True)
     assert body.endswith(b"data: [DONE]\n\n")
     assert all("usage" not in e for e in events(body)), body
@@ -88,7 +100,7 @@ def test_an_openai_stream_is_counted_exactly_and_the_client_sees_no_usage_it_did
     upstream = lab.upstream.requests(DEV_UPSTREAM)[-1].json()
     assert upstream["stream_options"] == {"include_usage": True}
     wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + 10)  # 7 + 3, the mock's usage, not 300 + prompt
-    [log] = wait_settled(lab, mark)
+    log = wait_settled(lab, request_id)
     assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
 
 
@@ -108,7 +120,7 @@ def test_time_to_first_token_is_a_histogram_of_the_service(lab: Running) -> None
 def test_a_client_that_asked_for_usage_sees_it(lab: Running) -> None:
     before = used(lab, "dev")
     options = {"include_usage": True}
-    status, body, _ = stream(lab, chat("dev-model", stream=True, stream_options=options))
+    status, body, _, _ = stream(lab, chat("dev-model", stream=True, stream_options=options))
     assert status == 200
     assert events(body)[-1]["usage"]["completion_tokens"] == 3
     assert lab.upstream.requests(DEV_UPSTREAM)[-1].json()["stream_options"] == options
@@ -117,24 +129,25 @@ def test_a_client_that_asked_for_usage_sees_it(lab: Running) -> None:
 
 @pytest.mark.parametrize("piece", [1, 7, 33])
 def test_events_split_at_odd_byte_boundaries_are_counted_and_passed_on_intact(lab: Running, piece: int) -> None:
-    mark = len(lab.service.lines)
     mock = f"chunk_bytes={piece};chunk_delay_ms=1"
-    status, body, whole = stream(lab, chat("dev-model", stream=True), mock=mock)
+    status, body, whole, request_id = stream(lab, chat("dev-model", stream=True), mock=mock)
     assert (status, whole) == (200, True)
     assert all("usage" not in e for e in events(body))
     assert body.endswith(b"data: [DONE]\n\n")
-    [log] = wait_settled(lab, mark)
+    log = wait_settled(lab, request_id)
     assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
 
 
 def test_an_anthropic_stream_counts_input_from_message_start_and_the_cumulative_output(lab: Running) -> None:
-    before, mark = used(lab, "team"), len(lab.service.lines)
+    before = used(lab, "team")
     body = chat("claude-model", stream=True, max_tokens=200)
-    status, answer, whole = stream(lab, body, key=TEAM_KEY, path="/v1/messages", mock="chunk_bytes=19;chunk_delay_ms=1")
+    status, answer, whole, request_id = stream(
+        lab, body, key=TEAM_KEY, path="/v1/messages", mock="chunk_bytes=19;chunk_delay_ms=1"
+    )
     assert (status, whole) == (200, True)
     assert b"event: message_stop" in answer
     assert "stream_options" not in lab.upstream.requests(CLAUDE_UPSTREAM)[-1].json()  # the body went as sent
-    [log] = wait_settled(lab, mark)
+    log = wait_settled(lab, request_id)
     # message_start says output 1, message_delta 3 in all: the last, not the sum.
     assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
     wait_until_used(lab, "team", Limit.TPD, before[Limit.TPD] + 10)
@@ -142,13 +155,12 @@ def test_an_anthropic_stream_counts_input_from_message_start_and_the_cumulative_
 
 def test_a_stream_cut_midway_is_settled_as_estimated_from_what_was_streamed(lab: Running) -> None:
     before = used(lab, "dev")
-    mark = len(lab.service.lines)
-    status, body, whole = stream(
+    status, body, whole, request_id = stream(
         lab, chat("dev-model", stream=True), mock="words=40;chunk_bytes=64;chunk_delay_ms=2;cut=900"
     )
     assert status == 200
     assert not whole
-    [log] = wait_settled(lab, mark)
+    log = wait_settled(lab, request_id)
     assert log["estimated"] is True
     whole_events = events(body[: body.rfind(b"\n\n")])
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in whole_events)
@@ -206,14 +218,12 @@ def test_a_downgraded_request_reaches_the_cheaper_provider_with_its_model_in_the
 
 
 def test_a_downgraded_stream_is_rewritten_and_counted(spent: Running) -> None:
-    assert spent.service is not None
-    mark = len(spent.service.lines)
     spent.upstream.clear()
-    status, body, whole = stream(spent, chat("failover-model", stream=True), key=TEAM_KEY)
+    status, body, whole, request_id = stream(spent, chat("failover-model", stream=True), key=TEAM_KEY)
     assert (status, whole) == (200, True)
     assert all("usage" not in e for e in events(body))
     [received] = spent.upstream.requests("provider.flaky.*")
     assert received.json()["model"] == "eject-model-2024"
     assert received.json()["stream_options"] == {"include_usage": True}
-    [log] = wait_settled(spent, mark)
+    log = wait_settled(spent, request_id)
     assert (log["model"], log["input_tokens"], log["output_tokens"]) == ("eject-model-2024", 7, 3)

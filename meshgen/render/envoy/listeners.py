@@ -162,6 +162,8 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         "codec_type": "AUTO",
         # The gateway is the edge: it sets x-forwarded-for from the peer rather than trusting the client's.
         "use_remote_address": True,
+        # The request id goes back to the client so a complaint can be matched to the gateway's and service's logs.
+        "always_set_request_id_in_response": True,
         "early_header_mutation_extensions": [_STRIP_INTERNAL],
         # An underscore twin (x_meshgen_tenant) could be normalised into an internal header further on.
         "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
