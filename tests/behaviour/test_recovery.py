@@ -4,7 +4,9 @@ error), and once it is healthy again it gets traffic back within its ejection ti
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,6 +17,7 @@ from tests.behaviour.conftest import POLICY, Running, chat, running_gateway
 PRIMARY = "provider.primary.us-east.ep0"
 BACKUP = "provider.backup.us-east.ep0"
 EJECTIONS = "cluster.provider_primary_us-east.outlier_detection.ejections_enforced_consecutive_5xx"
+HEALTHY = "cluster.provider_primary_us-east.membership_healthy"
 OUTLIER = Outlier(consecutive_5xx=3, interval_ms=500, ejection_ms=2_000, max_ejection_percent=100)
 
 
@@ -54,3 +57,27 @@ def test_an_ejected_provider_gets_traffic_back_within_its_ejection_time(recoveri
         time.sleep(0.1)
     recovered_after = time.monotonic() - ejected_at
     assert recovered_after >= OUTLIER.ejection_ms / 1000 - 0.5, "traffic came back before the ejection ended"
+
+
+def test_an_outage_under_load_costs_clients_nothing(recovering: Running) -> None:
+    """A bounded load runs while the primary answers 500, then resets connections, then recovers: every client
+    gets a 200. Each fault starts with the primary back in rotation, so the primary really sees it."""
+    lab = recovering
+    phases = [("healthy", None), ("500", {"status": 500}), ("reset", {"drop": True}), ("recovered", None)]
+    served: dict[str, Counter[str]] = {}
+    reached: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for phase, fault in phases:
+            lab.upstream.reset()
+            lab.upstream.clear()
+            lab.envoy.wait_stat(HEALTHY, 1, timeout=30)  # a previous phase's (or test's) ejection has ended
+            if fault:
+                lab.upstream.set("provider.primary.*", **fault)
+            replies = list(pool.map(lambda _: lab.post(chat("failover-model")), range(24)))
+            assert [r.status for r in replies] == [200] * len(replies), (phase, [r.body for r in replies])
+            served[phase] = Counter(r.headers["x-served-by"] for r in replies)
+            reached[phase] = lab.upstream.count(PRIMARY)
+    assert served["healthy"] == {PRIMARY: 24}
+    assert served["500"] == {BACKUP: 24} and served["reset"] == {BACKUP: 24}
+    assert reached["500"] >= OUTLIER.consecutive_5xx and reached["reset"] >= OUTLIER.consecutive_5xx, reached
+    assert served["recovered"] == {PRIMARY: 24}
