@@ -222,4 +222,7 @@ def build_ports(policy: pm.Policy, clusters: tuple[ir.ProviderCluster, ...]) -> 
         names += [f"listener.{region}", f"admin.{region}"]
         names += [f"chaos.{region}.{c.name}" for c in clusters if c.faults]
     names += [e.name for c in clusters for e in c.endpoints]
+    # The lab's own parts, last so the ports above stay where they were: the mock providers' admin API, the
+    # supervisor's metrics (`meshgen lab up`) and Prometheus when it is installed.
+    names += ["mocks.admin", "supervisor", "prometheus"]
     return ir.Ports(by_name=tuple((n, policy.lab.base_port + i) for i, n in enumerate(names)))

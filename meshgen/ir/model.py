@@ -168,7 +168,8 @@ class Service(Frozen):
 
 class Ports(Frozen):
     """Loopback ports of the `local` target, keyed by what listens there (`listener.us-east`, `admin.us-east`,
-    `service`, `chaos.provider.openai.us-east`, `provider.openai.us-east.ep0`). Derived from `lab.base_port`;
+    `service`, `chaos.provider.openai.us-east`, `provider.openai.us-east.ep0`, and the lab's `mocks.admin`,
+    `supervisor` (its metrics) and `prometheus`). Derived from `lab.base_port`;
     tests swap in free ports with `model_copy`."""
 
     by_name: tuple[tuple[str, int], ...]
