@@ -49,6 +49,18 @@ def test_crlf_event_ends_and_single_byte_pieces() -> None:
     assert (counter.input_tokens, counter.output_tokens) == (7, 3)
 
 
+def test_every_terminator_ends_an_event_whichever_comes_first() -> None:
+    body = sse_chunks(1, "m", "a b c", {"stream_options": {"include_usage": True}})
+    events = body.split(b"\n\n")[:-1]
+    ends = [b"\r\r", b"\n\n", b"\r\n\r\n"]
+    mixed = b"".join(e + ends[i % 3] for i, e in enumerate(events))
+    rng = random.Random(7)
+    for parts in ([mixed], *(split(mixed, rng) for _ in range(50))):
+        counter = SseCounter("openai")
+        assert replay(counter, parts) == mixed
+        assert (counter.events, counter.input_tokens, counter.output_tokens) == (len(events) - 1, 7, 3)
+
+
 def test_anthropic_input_from_message_start_and_the_last_cumulative_output() -> None:
     body = anthropic_events(1, "claude-x", "hello there")
     rng = random.Random(5)
