@@ -42,9 +42,16 @@ def from_micro(micro: int) -> float:
     return micro / MICRO
 
 
-def new_id() -> str:
-    """A reservation id: 128 random bits (``os.urandom``) as 32 hex digits, never derived from the time."""
-    return os.urandom(16).hex()
+def new_id(now: float) -> str:
+    """A reservation id: ``now`` in milliseconds (12 hex digits) then 80 random bits (``os.urandom``, 20 hex
+    digits). Ids made later sort later: SQLite appends them at the end of its index instead of at random places
+    (~20 % of a reserve's CPU), and old ones are found by an id range (:func:`id_bound`)."""
+    return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
+
+
+def id_bound(before: float) -> str:
+    """Every id that :func:`new_id` made before ``before`` (to the millisecond) sorts below this one."""
+    return f"{max(0, int(before * 1000)):012x}"
 
 
 def check_cost(cost: Cost) -> None:

@@ -73,7 +73,7 @@ class MemoryStore:
             return Verdict(False, None, refused, L.retry_after(refused, now), L.as_used(current))
         for kind in L.ORDER:
             self._windows[keys[kind]] = current[kind] + adding[kind]
-        reservation = self.id_prefix + L.new_id()
+        reservation = self.id_prefix + L.new_id(now)
         self._reservations[reservation] = LocalReservation(
             reservation, tenant, model, cost.tokens, adding[Limit.USD_PER_DAY], now, minute, day, _OPEN
         )

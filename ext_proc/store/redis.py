@@ -183,7 +183,7 @@ class RedisStore:
         L.check_cost(cost)
         adding = L.additions(cost)
         caps = L.limit_values(limits)
-        reservation = L.new_id()
+        reservation = L.new_id(now)
         args: list[str | int | float] = [
             cost.tokens,
             adding[Limit.USD_PER_DAY],

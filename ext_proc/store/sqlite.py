@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS marks (
     window_end REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS open_reservations ON reservations (created) WHERE state = 'open';
-CREATE INDEX IF NOT EXISTS reservations_by_created ON reservations (created);
+DROP INDEX IF EXISTS reservations_by_created;
 """
 
 _USED = " UNION ALL ".join(
@@ -134,7 +134,7 @@ class SqliteStore:
             totals = (after[_RPM], after[_TPM], after[_TPD], after[_USD])
             refused = L.first_over(totals, limits)
             if refused is None:
-                reservation = L.new_id()
+                reservation = L.new_id(now)
                 conn.execute(_INSERT, (reservation, tenant, model, tokens, usd_micro, now, minute, day, _OPEN))
                 conn.execute("COMMIT")
                 return Verdict(True, reservation, None, 0, L.used_of(totals))
@@ -236,7 +236,7 @@ class SqliteStore:
         day_cut = now - DAY_S - L.KEEP_S
         conn.execute("DELETE FROM windows WHERE bucket < ? AND kind IN (?, ?)", (minute_cut, *_MINUTE_KINDS))
         conn.execute("DELETE FROM windows WHERE bucket < ? AND kind IN (?, ?)", (day_cut, *_DAY_KINDS))
-        conn.execute("DELETE FROM reservations WHERE created < ? AND state != ?", (now - L.KEEP_S, _OPEN))
+        conn.execute("DELETE FROM reservations WHERE id < ? AND state != ?", (L.id_bound(now - L.KEEP_S), _OPEN))
         conn.execute("DELETE FROM marks WHERE window_end <= ?", (now,))
 
     async def used(self, tenant: str, now: float) -> dict[Limit, float]:
