@@ -1,9 +1,11 @@
-"""`meshgen lab demo`: a few real requests through a running lab, and what to try by hand.
+"""`meshgen lab demo`: a few real requests through a running lab.
 
-Each demo request names what it expects (status, and where it applies the provider that served it, the route it
-took or the OpenAI error code); ``run_demo`` sends them through one region's real Envoy and ``format_table`` shows
-model → status → route or error → ``x-served-by``. The route is read from Envoy's own counters: the request's
-``cluster.model_<name>_chain.external.upstream_rq_completed`` goes up by one (stat names spell our dots as _).
+The demo goes through the lab that `meshgen lab up` runs (``demo_running``) or, when none runs, through a ``Lab``
+of its own that it stops afterwards. Each demo request names what it expects (status, and where it applies the
+provider that served it, the route it took or the OpenAI error code); ``run_demo`` sends them through one region's
+real Envoy and ``format_table`` shows model → status → route or error → ``x-served-by``. The route is read from
+Envoy's own counters: the request's ``cluster.model_<name>_chain.external.upstream_rq_completed`` goes up by one
+(stat names spell our dots as _).
 
 The keys are the lab's (``policies/lab.yaml`` keeps only their sha256): ``sk-lab-platform`` may use every model,
 ``sk-lab-dev`` only llama3.
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from meshgen.compile import compile_gateway
+from meshgen.ir.model import Gateway
 from meshgen.lab.envoy import EnvoyProcess
-from meshgen.lab.run import HOST, Lab, signals_interrupt
+from meshgen.lab.run import HOST, Lab, LabError, signals_interrupt
+from meshgen.lab.state import RunDir
 
 __all__ = [
     "DEV_KEY",
@@ -28,9 +33,10 @@ __all__ = [
     "DemoResult",
     "demo",
     "demo_cases",
+    "demo_running",
     "format_table",
     "run_demo",
-    "try_it",
+    "run_demo_through",
 ]
 
 PLATFORM_KEY = "sk-lab-platform"
@@ -88,9 +94,8 @@ class DemoResult:
         return not self.problems
 
 
-def demo_cases(lab: Lab, region: str) -> tuple[DemoCase, ...]:
+def demo_cases(gw: Gateway, region: str) -> tuple[DemoCase, ...]:
     """The demo for ``region`` of the lab policy: routing, a canary by header, refusals, two kinds of failover."""
-    gw = lab.gateway
     endpoints = [e.name for c in gw.clusters for e in c.endpoints]
     openai_local = f"provider.openai.{region}.ep0"
     openai_others = tuple(e for e in endpoints if e.startswith("provider.openai.") and e != openai_local)
@@ -164,11 +169,15 @@ def _error_code(body: bytes) -> str | None:
 
 
 def run_demo(lab: Lab, region: str) -> list[DemoResult]:
-    """Send every demo case through ``region``'s listener, in order; never raises for a wrong answer."""
-    envoy = lab.envoys[region]
-    port = lab.gateway.ports.of(f"listener.{region}")
+    """Send every demo case through ``region``'s listener of a started ``Lab``; never raises for a wrong answer."""
+    return run_demo_through(lab.gateway, region, lab.envoys[region])
+
+
+def run_demo_through(gateway: Gateway, region: str, envoy: EnvoyProcess) -> list[DemoResult]:
+    """Send every demo case through ``region``'s listener, in order, reading routes from ``envoy``'s admin."""
+    port = gateway.ports.of(f"listener.{region}")
     results: list[DemoResult] = []
-    for case in demo_cases(lab, region):
+    for case in demo_cases(gateway, region):
         before = _chain_counts(envoy)
         try:
             status, headers, body = _send(port, case)
@@ -195,6 +204,20 @@ def demo(lab: Lab, region: str) -> list[DemoResult]:
         return run_demo(lab, region)
 
 
+def demo_running(run_dir: Path, region: str) -> list[DemoResult] | None:
+    """The demo through the lab `meshgen lab up` runs in ``run_dir``; None when none runs there."""
+    rd = RunDir(run_dir)
+    plan = rd.plan()
+    if plan is None or not rd.supervisor_alive():
+        return None
+    if region not in plan.regions:
+        regions = ", ".join(plan.regions)
+        raise LabError(f"the lab running in {rd.path}/ has no region {region!r}; its regions: {regions}")
+    gateway = compile_gateway(Path(plan.policy))
+    envoy = EnvoyProcess(Path(plan.generated) / "local" / "envoy" / f"{region}.yaml", plan.regions[region].admin_port)
+    return run_demo_through(gateway, region, envoy)
+
+
 def format_table(results: list[DemoResult]) -> str:
     """One line per request: what was asked, with which key → status → route or error code → served by."""
     header = ("request", "key", "status", "route / error", "served by", "")
@@ -208,29 +231,3 @@ def format_table(results: list[DemoResult]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def try_it(lab: Lab) -> str:
-    """What `meshgen lab up` prints: each region's listener and admin URL, and requests to paste."""
-    lines = []
-    for region in lab.regions:
-        auth = next(r.auth for r in lab.gateway.regions if r.name == region)
-        lines.append(f"{region:<10} listener {lab.listener_url(region)}  admin {lab.admin_url(region)}  (auth: {auth})")
-    api_key = [r for r in lab.regions if next(g.auth for g in lab.gateway.regions if g.name == r) == "api-key"]
-    if api_key:
-        url = f"{lab.listener_url(api_key[0])}/v1/chat/completions"
-        body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hi."}]})
-        tries = [
-            ("served by OpenAI", PLATFORM_KEY, {}),
-            ("the beta route", PLATFORM_KEY, {"X-Model-Version": "beta"}),
-            ("403: dev may use only llama3", DEV_KEY, {}),
-            ("failover to Ollama", PLATFORM_KEY, {"x-mock": "status=503@provider.openai.*"}),
-        ]
-        lines += ["", "Try:"]
-        for what, key, extra in tries:
-            headers = {"authorization": f"Bearer {key}", "content-type": "application/json", **extra}
-            args = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in headers.items())
-            lines.append(f"  # {what}\n  curl -si {url} {args} -d {shlex.quote(body)}")
-    admin = lab.admin_url((api_key or list(lab.regions))[0])
-    lines += ["", f"Envoy stats: curl -s {admin}/stats/prometheus | grep provider"]
-    return "\n".join(lines)

@@ -35,7 +35,17 @@ from meshgen.lab.lifecycle import Managed
 from meshgen.lab.providers import MockProviders
 from meshgen.lab.service import ServiceError, ServiceProcess
 
-__all__ = ["DEFAULT_RUN_DIR", "BuildResult", "Lab", "LabError", "ensure_built", "signals_interrupt", "up"]
+__all__ = [
+    "DEFAULT_RUN_DIR",
+    "BuildResult",
+    "Lab",
+    "LabError",
+    "ensure_built",
+    "ports_in_use",
+    "select_regions",
+    "signals_interrupt",
+    "up",
+]
 
 DEFAULT_RUN_DIR = Path(".lab")
 HOST = "127.0.0.1"
@@ -63,7 +73,8 @@ def ensure_built(policy: Path, generated: Path) -> BuildResult:
     return BuildResult(gateway, tuple(changed))
 
 
-def _ports_in_use(ports: Iterable[tuple[str, int]]) -> list[str]:
+def ports_in_use(ports: Iterable[tuple[str, int]]) -> list[str]:
+    """``"18006 (listener.us-east)"`` for each of ``ports`` that cannot be bound on ``HOST`` right now."""
     busy: list[str] = []
     for name, port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -73,6 +84,15 @@ def _ports_in_use(ports: Iterable[tuple[str, int]]) -> list[str]:
             except OSError:
                 busy.append(f"{port} ({name})")
     return busy
+
+
+def select_regions(gateway: Gateway, requested: Sequence[str], policy: Path) -> tuple[str, ...]:
+    """``requested`` in the policy's order (every region when empty); ``LabError`` naming an unknown one."""
+    known = tuple(r.name for r in gateway.regions)
+    unknown = [r for r in requested if r not in known]
+    if unknown:
+        raise LabError(f"{policy}: no region {', '.join(map(repr, unknown))}; regions: {', '.join(known)}")
+    return tuple(r for r in known if r in requested) if requested else known
 
 
 class Lab(Managed):
@@ -118,20 +138,13 @@ class Lab(Managed):
     def admin_url(self, region: str) -> str:
         return f"http://{HOST}:{self.gateway.ports.of(f'admin.{region}')}"
 
-    def _select_regions(self, gateway: Gateway) -> tuple[str, ...]:
-        known = tuple(r.name for r in gateway.regions)
-        unknown = [r for r in self.requested_regions if r not in known]
-        if unknown:
-            raise LabError(f"{self.policy}: no region {', '.join(map(repr, unknown))}; regions: {', '.join(known)}")
-        return tuple(r for r in known if r in self.requested_regions) if self.requested_regions else known
-
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Lab:
         if self._stack is not None:
             raise LabError("the lab is already started")
         self.build = ensure_built(self.policy, self.generated)
         gateway = self.build.gateway
-        regions = self._select_regions(gateway)
+        regions = select_regions(gateway, self.requested_regions, self.policy)
         endpoints = {e.name: gateway.ports.of(e.name) for c in gateway.clusters for e in c.endpoints}
         envoy_ports = [
             (name, port)
@@ -140,7 +153,7 @@ class Lab(Managed):
             if name in (f"listener.{region}", f"admin.{region}") or name.startswith(f"chaos.{region}.")
         ]
         service_ports = [(name, gateway.ports.of(name)) for name in ("service", "service.grpc")]
-        busy = _ports_in_use([*service_ports, *endpoints.items(), *envoy_ports])
+        busy = ports_in_use([*service_ports, *endpoints.items(), *envoy_ports])
         if busy:
             raise LabError(
                 f"port(s) in use on {HOST}: {', '.join(busy)}; is another `meshgen lab up` running? "
