@@ -1,4 +1,6 @@
-"""The lab: one policy's gateway running on this machine from ``generated/local/``.
+"""The lab in one process: one policy's gateway running on this machine from ``generated/local/`` for as long as
+a ``with`` block lasts (`meshgen lab demo` without a running lab, and tests). `meshgen lab up` runs the same parts
+as supervised background processes instead (``control.py``, ``supervisor.py``).
 
     with Lab(Path("policies/lab.yaml"), regions=["us-east"]) as lab:
         lab.listener_url("us-east")      # http://127.0.0.1:18005
@@ -21,7 +23,7 @@ import signal
 import socket
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -44,7 +46,6 @@ __all__ = [
     "ports_in_use",
     "select_regions",
     "signals_interrupt",
-    "up",
 ]
 
 DEFAULT_RUN_DIR = Path(".lab")
@@ -236,15 +237,3 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def up(lab: Lab, on_ready: Callable[[Lab], None]) -> list[str]:
-    """Start ``lab``, call ``on_ready``, run until Ctrl-C, SIGTERM or SIGHUP (returns []) or until a part exits
-    on its own (returns which); the lab is stopped either way."""
-    with signals_interrupt():
-        try:
-            with lab:
-                on_ready(lab)
-                return lab.wait()
-        except KeyboardInterrupt:
-            return []

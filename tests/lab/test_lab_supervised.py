@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from meshgen.cli import app
 from meshgen.compile import compile_gateway
 from meshgen.lab.state import start_ticks
-from tests.lab.test_lab_demo import POLICY, free_base
+from tests.lab.test_lab_demo import POLICY, _bindable, free_base
 from tests.support import require_binary
 
 TIMEOUT = 30.0
@@ -254,3 +254,40 @@ def test_up_refuses_ports_in_use(tmp_path: Path) -> None:
     assert code == 1
     assert f"{busy} (mocks.admin)" in out and "lab.base_port" in out
     assert not (tmp_path / "run" / "supervisor.pid").exists()
+
+
+def _one_region_lab(tmp_path: Path) -> RunningLab:
+    require_binary("envoy")
+    count = len(compile_gateway(POLICY).ports.by_name)
+    policy = tmp_path / "lab.yaml"
+    policy.write_text(re.sub(r"(?m)^(\s+base_port:\s*)\d+", rf"\g<1>{free_base(count)}", POLICY.read_text()))
+    return RunningLab(policy, tmp_path / "generated", tmp_path / "run")
+
+
+def test_a_process_that_cannot_start_fails_up_and_leaves_nothing(tmp_path: Path) -> None:
+    lab = _one_region_lab(tmp_path)
+    (lab.run_dir / "ledger.sqlite").mkdir(parents=True)  # the service cannot open its ledger: it exits at once
+    code, out = lab.cli("lab", "up", str(lab.policy), "-g", str(lab.generated), "-r", "us-east", "--no-prometheus")
+    assert code == 1, out
+    assert "the lab did not start: service exited" in out and "service.log" in out, out
+    assert not {"state.json", "plan.json", "supervisor.pid"} & {p.name for p in lab.run_dir.iterdir()}
+    assert all(_bindable(port) for _, port in compile_gateway(lab.policy).ports.by_name)
+
+
+def test_down_after_the_supervisor_was_killed(tmp_path: Path) -> None:
+    lab = _one_region_lab(tmp_path)
+    code, out = lab.cli("lab", "up", str(lab.policy), "-g", str(lab.generated), "-r", "us-east", "--no-prometheus")
+    assert code == 0, out
+    info = lab.status()
+    assert set(info["processes"]) == {"mocks", "service", "envoy-us-east"}
+    children = [(p["pid"], start_ticks(p["pid"])) for p in info["processes"].values()]
+    os.kill(info["supervisor"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + TIMEOUT
+    while lab.status()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not any(_gone(pid, start) for pid, start in children), "its processes outlive it"
+    code, out = lab.cli("lab", "down")
+    assert code == 0 and "lab stopped." in out, out
+    assert all(_gone(pid, start) for pid, start in children)
+    assert all(_bindable(port) for _, port in compile_gateway(lab.policy).ports.by_name)
