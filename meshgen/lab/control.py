@@ -2,10 +2,10 @@
 
 ``up`` builds ``generated/`` when stale, writes the plan (what to run: ``state.py``), starts the supervisor
 (``supervisor.py``) detached and waits until every process answers its health check. Each process gets its ports
-from the IR (``lab.base_port``): the mock providers on every provider endpoint port plus ``mocks.admin``, the
-data-plane service on ``service`` and ``service.grpc``, one Envoy per region on ``generated/local/envoy/<region>.yaml``,
-the supervisor's metrics on ``supervisor`` and, when the ``prometheus`` binary is installed, Prometheus on
-``prometheus`` scraping all of them.
+from the IR (``lab.base_port``): the mock providers (``python -m meshgen.lab.providers``) on every provider endpoint
+port plus their admin API on ``mocks.admin``, the data-plane service on ``service`` and ``service.grpc``, one Envoy
+per region on ``generated/local/envoy/<region>.yaml``, the supervisor's metrics on ``supervisor`` and, when the
+``prometheus`` binary is installed, Prometheus on ``prometheus`` scraping all of them.
 
 The demo API keys (``sk-lab-<tenant>``, or the tenant name's first word: ``sk-lab-dev`` for ``dev-team``) are the lab's
 own, published in ``policies/lab.yaml``'s comment and the README; a key is shown only when its sha256 is one the
@@ -15,6 +15,7 @@ policy lists for that tenant. They are not secrets and must never be used outsid
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 LAB_KEY_PREFIX = "sk-lab-"
-MOCKS_MODULE = "meshgen.lab.mock_process"
+MOCKS_MODULE = "meshgen.lab.providers"
 """The mock providers' process: ``--listen LABEL=PORT … --host H --admin-port P``."""
 UP_TIMEOUT = 90.0
 DOWN_TIMEOUT = 30.0
@@ -135,7 +136,6 @@ def plan_lab(
     for label, port in endpoints.items():
         mocks_argv += ["--listen", f"{label}={port}"]
     mocks_argv += ["--host", HOST, "--admin-port", str(ports.of("mocks.admin"))]
-    first_endpoint = next(iter(endpoints))
     service = ServiceProcess(
         local / "service.json",
         host=HOST,
@@ -147,7 +147,7 @@ def plan_lab(
         ProcessSpec(
             name="mocks",
             argv=tuple(mocks_argv),
-            health_url=url(first_endpoint, "/healthz"),
+            health_url=url("mocks.admin", "/healthz"),
             log=log("mocks"),
             tier=0,
         ),
@@ -287,6 +287,25 @@ def up(
     """Start the supervised lab and wait until it is healthy; when one already runs in ``run_dir`` (for the same
     policy), wait for it to be ready and report it instead."""
     rd = RunDir(run_dir)
+    with _locked(rd):
+        return _up(rd, policy, generated=generated, regions=regions, prometheus=prometheus, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _locked(rd: RunDir) -> Iterator[None]:
+    """One `lab up` at a time per run directory: a second one waits, then finds the first one's lab running."""
+    rd.path.mkdir(parents=True, exist_ok=True)
+    with open(rd.path / "up.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _up(
+    rd: RunDir, policy: Path, *, generated: Path, regions: Sequence[str], prometheus: bool, timeout: float
+) -> UpResult:
     if rd.supervisor_alive():
         plan = rd.plan()
         if plan is None:
@@ -399,9 +418,10 @@ def status(run_dir: Path = Path(".lab")) -> dict[str, Any]:
     processes: dict[str, Any] = {}
     for spec in plan.processes:
         ps = state.processes.get(spec.name) if state else None
-        running = ps is not None and ps.status == "running" and alive(ps.pid, ps.start)
+        gone = ps is not None and ps.status in ("starting", "running") and not alive(ps.pid, ps.start)
         processes[spec.name] = {
-            "status": "running" if running else ps.status if ps else "starting",
+            # "exited": it just died and the supervisor has not yet noticed (it will restart it)
+            "status": "exited" if gone else ps.status if ps else "starting",
             "pid": ps.pid if ps else None,
             "restarts": ps.restarts if ps else 0,
             "log": spec.log,
