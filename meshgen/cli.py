@@ -112,6 +112,10 @@ def lab_up(
     pid = info["supervisor"]["pid"] if info["running"] else "?"
     if result.already_running:
         typer.echo(f"lab already running for {result.plan.policy} in {result.plan.run_dir}/ (supervisor pid {pid}).")
+        if result.stale:
+            typer.echo(  # the running Envoys keep the config they started with
+                "It runs an older build of the policy; `meshgen lab down && meshgen lab up` applies the new one."
+            )
     else:
         typer.echo(f"lab up for {policy} (supervisor pid {pid}; logs in {result.plan.run_dir}/).")
     typer.echo(f"`meshgen lab status` shows it, `meshgen lab down` stops it.\n\n{control.urls_text(info)}")

@@ -33,7 +33,7 @@ import yaml
 
 from meshgen.ir.model import Gateway
 from meshgen.lab.envoy import EnvoyProcess
-from meshgen.lab.run import HOST, LabError, ensure_built, ports_in_use, select_regions
+from meshgen.lab.run import HOST, LabError, current_digest, ensure_built, ports_in_use, select_regions
 from meshgen.lab.service import ServiceProcess
 from meshgen.lab.state import Fault, Plan, ProcessSpec, RegionUrls, RunDir, alive
 from meshgen.render.envoy.filters.fault import runtime_key
@@ -89,6 +89,20 @@ def _faults(gateway: Gateway) -> tuple[Fault, ...]:
                 targets=targets,
             )
     return tuple(found[name] for name in sorted(found))
+
+
+def _mock_provider_keys(service_json: Path) -> dict[str, str]:
+    """Lab-only placeholders for the provider keys the data-plane service reads (each provider's ``key_env`` in its
+    config), so a real key in the caller's environment never travels to the mocks or into their records."""
+    try:
+        providers = json.loads(service_json.read_text()).get("providers", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {
+        p["key_env"]: f"sk-mock-{name}-lab-only"
+        for name, p in sorted(providers.items())
+        if isinstance(p, dict) and isinstance(p.get("key_env"), str)
+    }
 
 
 def _prometheus_config(gateway: Gateway, regions: Sequence[str]) -> dict[str, Any]:
@@ -154,6 +168,7 @@ def plan_lab(
         ProcessSpec(
             name="service",
             argv=tuple(service.command),
+            env=_mock_provider_keys(local / "service.json"),
             health_url=url("service", "/healthz"),
             log=log("service"),
             tier=1,
@@ -236,6 +251,8 @@ class UpResult:
     already_running: bool
     changed: tuple[str, ...] = ()
     """Files of ``generated/`` rebuilt because they were stale."""
+    stale: bool = False
+    """The lab already ran, from another build than the policy compiles to now."""
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -316,13 +333,15 @@ def _up(
                 f"or give this one another --run-dir (and lab.base_port)"
             )
         _wait_ready(rd, timeout)
-        return UpResult(plan, already_running=True)
+        stale = bool(plan.build_digest) and plan.build_digest != current_digest(policy)
+        return UpResult(plan, already_running=True, stale=stale)
     down(rd.path)  # leftovers of a lab whose supervisor died: stop its processes, forget its state
     built = ensure_built(policy, generated)
     gateway = built.gateway
     chosen = select_regions(gateway, regions, policy)
     binary = shutil.which("prometheus") if prometheus else None
     plan = plan_lab(gateway, policy=policy, generated=generated, run_dir=rd.path, regions=chosen, prometheus=binary)
+    plan = plan.model_copy(update={"build_digest": built.digest})
     busy = ports_in_use(plan.ports)
     if busy:
         raise LabError(

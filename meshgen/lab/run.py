@@ -19,11 +19,12 @@ Anything that keeps the lab from starting (a port in use, no envoy binary, a par
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import socket
 import time
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -42,7 +43,9 @@ __all__ = [
     "BuildResult",
     "Lab",
     "LabError",
+    "current_digest",
     "ensure_built",
+    "local_digest",
     "ports_in_use",
     "select_regions",
     "signals_interrupt",
@@ -63,6 +66,21 @@ class BuildResult:
     gateway: Gateway
     changed: tuple[str, ...]
     """Files of ``generated/`` that were rewritten because they were stale (empty: it was up to date)."""
+    digest: str = ""
+    """``local_digest`` of the build: tells whether a running lab runs this build."""
+
+
+def local_digest(files: Mapping[str, str]) -> str:
+    """sha256 over the ``local/`` files of a build (what the lab runs), by path."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in files if p.startswith("local/")):
+        h.update(f"{path}\0{files[path]}\0".encode())
+    return h.hexdigest()
+
+
+def current_digest(policy: Path) -> str:
+    """``local_digest`` of what `meshgen build POLICY` would write now (nothing is written)."""
+    return local_digest(build(policy, version=__version__)[1])
 
 
 def ensure_built(policy: Path, generated: Path) -> BuildResult:
@@ -71,7 +89,7 @@ def ensure_built(policy: Path, generated: Path) -> BuildResult:
     changed = output.drift(generated, files)
     if changed:
         output.write(generated, files)
-    return BuildResult(gateway, tuple(changed))
+    return BuildResult(gateway, tuple(changed), local_digest(files))
 
 
 def ports_in_use(ports: Iterable[tuple[str, int]]) -> list[str]:

@@ -91,6 +91,8 @@ class Plan(_Model):
     urls: dict[str, str]
     """``supervisor_metrics``, ``mocks_admin``, ``service``, ``prometheus`` (when it runs)."""
     metrics_port: int
+    build_digest: str = ""
+    """sha256 of the ``generated/local`` files the lab started from (``run.local_digest``)."""
     ports: tuple[tuple[str, int], ...]
     """Every port the lab listens on (checked free before it starts)."""
 

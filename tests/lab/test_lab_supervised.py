@@ -129,8 +129,15 @@ def test_up_again_sees_the_running_lab(lab: RunningLab) -> None:
     pids = {n: p["pid"] for n, p in lab.status()["processes"].items()}
     code, out = lab.up()
     assert code == 0, out
-    assert "lab already running" in out
+    assert "lab already running" in out and "older build" not in out
     assert {n: p["pid"] for n, p in lab.status()["processes"].items()} == pids
+    original = lab.policy.read_text()
+    try:
+        lab.policy.write_text(original.replace("rpm: 600", "rpm: 601"))
+        code, out = lab.up()
+        assert code == 0 and "It runs an older build of the policy" in out, out
+    finally:
+        lab.policy.write_text(original)
 
 
 def test_status_json(lab: RunningLab) -> None:
