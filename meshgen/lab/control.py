@@ -437,7 +437,7 @@ def status(run_dir: Path = Path(".lab")) -> dict[str, Any]:
     processes: dict[str, Any] = {}
     for spec in plan.processes:
         ps = state.processes.get(spec.name) if state else None
-        gone = ps is not None and ps.status in ("starting", "running") and not alive(ps.pid, ps.start)
+        gone = ps is not None and ps.status in ("starting", "running", "unhealthy") and not alive(ps.pid, ps.start)
         processes[spec.name] = {
             # "exited": it just died and the supervisor has not yet noticed (it will restart it)
             "status": "exited" if gone else ps.status if ps else "starting",

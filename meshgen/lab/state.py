@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 Phase = Literal["starting", "ready", "failed"]
-ProcessStatus = Literal["starting", "running", "backoff", "stopped"]
+ProcessStatus = Literal["starting", "running", "unhealthy", "backoff", "stopped"]
 
 
 class _Model(BaseModel):

@@ -7,7 +7,8 @@ real supervisor in a session of its own, records its pid and returns at once) an
 - starts every process of ``plan.json`` (lowest tier first), its stdout and stderr appended to ``<name>.log``;
 - waits until each answers its health check; the lab is ``ready`` when all do. A process that exits or is not
   healthy within ``STARTUP_TIMEOUT`` before that fails the start: everything is stopped, ``phase: failed``;
-- once ready, restarts a process that exits, after a backoff of 0.5 s doubling per consecutive crash up to 30 s
+- once ready, checks each process's health every second, kills one that failed ``UNHEALTHY_KILL_AFTER`` checks in
+  a row (hung), and restarts a process that exits, after a backoff of 0.5 s doubling per consecutive crash up to 30 s
   (a process that ran ``STABLE_AFTER`` seconds starts over at 0.5 s), and counts it in
   ``service_container_restarts_total{process="<name>"}`` on ``http://127.0.0.1:<supervisor port>/metrics``;
 - re-applies ``chaos.json`` to an Envoy that was restarted (Envoy's admin runtime layer starts empty);
@@ -50,6 +51,10 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 TICK = 0.1
 HEALTH_TIMEOUT = 1.0
+LIVENESS_EVERY = 1.0
+"""Seconds between health checks of a running process."""
+UNHEALTHY_KILL_AFTER = 8
+"""Consecutive failed checks after which a running process counts as hung: SIGKILL, then the usual restart."""
 
 
 def backoff(crashes: int) -> float:
@@ -78,6 +83,7 @@ class _Child:
     """Consecutive crashes, for the backoff."""
     restart_at: float = 0.0
     last_health: float = 0.0
+    failed_checks: int = 0
 
 
 class Supervisor:
@@ -142,7 +148,7 @@ class Supervisor:
             )
         child.start = start_ticks(child.proc.pid)
         child.started_at = time.monotonic()
-        child.status = "starting"
+        child.status, child.failed_checks = "starting", 0
         self.say(f"{spec.name}: started, pid {child.proc.pid}")
 
     def _became_healthy(self, child: _Child) -> None:
@@ -164,6 +170,25 @@ class Supervisor:
                 self.say(f"envoy-{region}: chaos runtime re-applied: {query}")
         except (OSError, urllib.error.URLError) as error:
             self.say(f"envoy-{region}: could not re-apply chaos runtime: {error}")
+
+    def _check_liveness(self, child: _Child) -> None:
+        """A running process that stops answering is ``unhealthy``; after ``UNHEALTHY_KILL_AFTER`` failed checks in a
+        row it is killed, and restarted like any process that exits."""
+        if healthy(child.spec):
+            if child.status == "unhealthy":
+                self.say(f"{child.spec.name}: healthy again")
+                self.up.labels(child.spec.name).set(1)
+            child.status, child.failed_checks = "running", 0
+            return
+        child.failed_checks += 1
+        if child.status == "running":
+            child.status = "unhealthy"
+            self.up.labels(child.spec.name).set(0)
+            self.say(f"{child.spec.name}: health check failed")
+        if child.failed_checks >= UNHEALTHY_KILL_AFTER and child.proc is not None:
+            self.say(f"{child.spec.name}: {child.failed_checks} health checks failed in a row; SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
 
     def _exited(self, child: _Child, code: int) -> None:
         name = child.spec.name
@@ -204,6 +229,9 @@ class Supervisor:
                         self._became_healthy(child)
                     elif self.phase == "starting" and now - child.started_at > STARTUP_TIMEOUT:
                         self.fail(f"{child.spec.name} not healthy within {STARTUP_TIMEOUT:.0f}s; see {child.spec.log}")
+                elif child.status in ("running", "unhealthy") and now - child.last_health >= LIVENESS_EVERY:
+                    child.last_health = now
+                    self._check_liveness(child)
             elif child.status == "backoff" and now >= child.restart_at:
                 self._spawn(child)
         if self.phase == "starting" and all(c.status == "running" for c in self.children.values()):

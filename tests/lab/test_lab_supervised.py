@@ -7,6 +7,7 @@ the last one takes it down and checks that nothing is left."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -173,6 +174,22 @@ def test_kill_9_is_restarted_and_counted(lab: RunningLab, process: str) -> None:
     after = lab.wait_restarted(process, before["pid"], before["restarts"] + 1)
     assert after["restarts"] == before["restarts"] + 1
     assert lab.restarts_metric()[process] == counted + 1
+    assert lab.chat("us-east", "gpt-4o-mini") == (200, "provider.openai.us-east.ep0")
+
+
+def test_a_hung_process_is_killed_and_restarted(lab: RunningLab) -> None:
+    before = lab.status()["processes"]["service"]
+    os.kill(before["pid"], signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while lab.status()["processes"]["service"]["status"] != "unhealthy":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        lab.wait_restarted("service", before["pid"], before["restarts"] + 1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(before["pid"], signal.SIGCONT)
+    assert "health checks failed in a row; SIGKILL" in lab.cli("lab", "logs", "supervisor")[1]
     assert lab.chat("us-east", "gpt-4o-mini") == (200, "provider.openai.us-east.ep0")
 
 
