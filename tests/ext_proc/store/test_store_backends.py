@@ -57,6 +57,36 @@ def test_sqlite_threads_with_their_own_connections_never_exceed_tpm(tmp_path: Pa
     asyncio.run(check())
 
 
+def test_sqlite_reserves_of_one_tick_share_one_commit_and_each_returns_once_it_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    other = sqlite3.connect(str(path), isolation_level=None)  # another process's view of the file
+
+    def on_file() -> int:
+        return int(other.execute("SELECT count(*) FROM reservations").fetchone()[0])
+
+    async def main() -> None:
+        store = SqliteStore.open(path)
+        try:
+            seen: list[int] = []
+
+            async def reserve() -> None:
+                verdict = await store.reserve("acme", "m", Cost(10, 0), Limits(rpm=8), T)
+                seen.append(on_file() if verdict.admitted else -1)
+
+            statements: list[str] = []
+            store._conn.set_trace_callback(statements.append)
+            await asyncio.gather(*(reserve() for _ in range(10)))
+            assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 1, statements
+            # 8 admitted, each saw its reservation on the file when it returned; the 2 refused left nothing
+            assert sorted(seen) == [-1, -1, *[8] * 8]
+            assert on_file() == 8
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    other.close()
+
+
 def test_sqlite_pragmas_and_schema(tmp_path: Path) -> None:
     store = SqliteStore.open(tmp_path / "l.db")
     try:
