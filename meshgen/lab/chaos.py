@@ -84,13 +84,18 @@ def switch(run_dir: Path, name: str, on: bool, regions: Sequence[str] = ()) -> d
     values = dict.fromkeys(fault.runtime_keys, value)
     rd = RunDir(run_dir)
     saved = rd.chaos()
-    done: dict[str, dict[str, str]] = {}
-    for region in chosen:
-        _admin(plan, region, "/runtime_modify?" + urllib.parse.urlencode(values), post=True)
+    for region in chosen:  # saved first: an Envoy down right now gets the values when the supervisor restarts it
         saved[region] = {**saved.get(region, {}), **values}
-        done[region] = values
     rd.write_chaos(saved)
-    return done
+    failed: list[str] = []
+    for region in chosen:
+        try:
+            _admin(plan, region, "/runtime_modify?" + urllib.parse.urlencode(values), post=True)
+        except ChaosError as error:
+            failed.append(str(error))
+    if failed:
+        raise ChaosError("; ".join(failed) + " (the supervisor applies the change when it restarts that Envoy)")
+    return {region: values for region in chosen}
 
 
 def status(run_dir: Path, regions: Sequence[str] = ()) -> dict[str, Any]:
