@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from meshgen.ir.model import Gateway
-from meshgen.lab.envoy import EnvoyProcess
+from meshgen.lab.envoy import EnvoyError, EnvoyProcess
 from meshgen.lab.run import HOST, LabError, current_digest, ensure_built, ports_in_use, select_regions
 from meshgen.lab.service import ServiceProcess
 from meshgen.lab.state import Fault, Plan, ProcessSpec, RegionUrls, RunDir, alive
@@ -340,7 +340,10 @@ def _up(
     gateway = built.gateway
     chosen = select_regions(gateway, regions, policy)
     binary = shutil.which("prometheus") if prometheus else None
-    plan = plan_lab(gateway, policy=policy, generated=generated, run_dir=rd.path, regions=chosen, prometheus=binary)
+    try:
+        plan = plan_lab(gateway, policy=policy, generated=generated, run_dir=rd.path, regions=chosen, prometheus=binary)
+    except EnvoyError as error:  # no envoy binary
+        raise LabError(str(error)) from None
     plan = plan.model_copy(update={"build_digest": built.digest})
     busy = ports_in_use(plan.ports)
     if busy:
