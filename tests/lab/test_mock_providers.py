@@ -530,6 +530,35 @@ def test_recorded_requests(mocks: MockProcess) -> None:
         admin.wait_for(OPENAI, 1, timeout=0.2)
 
 
+def test_a_fault_on_a_share_of_the_requests(mocks: MockProcess) -> None:
+    assert mocks.admin.fault(OPENAI, "status=500", percent=25) == [Fault(OPENAI, "status=500", 25)]
+    statuses = [call(mocks.port(OPENAI), body=chat()).status for _ in range(8)]
+    assert statuses == [200, 200, 200, 500, 200, 200, 200, 500]
+    with pytest.raises(MockAdminError, match="percent must be an integer within 1..100"):
+        mocks.admin.fault(OPENAI, "status=500", percent=0)
+
+
+def test_each_record_says_how_it_was_answered(mocks: MockProcess) -> None:
+    port = mocks.port(OPENAI)
+    call(port, body=chat(), headers={"x-mock": "status=503"})
+    with pytest.raises(ConnectionResetError):
+        call(port, body=chat(), headers={"x-mock": "reset=1"})
+    call(port, body=chat(stream=True), headers={"x-mock": "cut_after=1"})
+    call(port, body=chat(stream=True), headers={"x-mock": "stall_after=0"}, timeout=0.3)
+    call(port, body=chat(stream=True), headers={"x-mock": "chunk_bytes=10;cut=30"})
+    call(port, body=chat(), headers={"x-mock": "stauts=1"})
+    call(port, body=chat(stream=True), headers={"x-mock": "ttft_ms=1"})
+    assert [r.outcome for r in mocks.admin.requests(OPENAI)] == [
+        "503",
+        "reset",
+        "200 cut_after",
+        "200 stalled",
+        "200 cut",
+        "400 x-mock-error",
+        "200",
+    ]
+
+
 def test_in_process_mocks_serve_the_same_admin_api() -> None:
     port, admin_port = free_ports(2)
     with MockProviders({OPENAI: port}, admin_port=admin_port) as up:

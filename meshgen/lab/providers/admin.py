@@ -2,13 +2,17 @@
 
     GET    /healthz                          200 ``ok``
     GET    /labels                           {"labels": {label: port}}
-    GET    /faults                           {"faults": [{"scope": GLOB, "mock": "status=500"}, ...]}
-    POST   /faults  {"scope": GLOB, "mock"}  add a global fault (scope defaults to ``*``); 400 {"error"} on bad grammar
+    GET    /faults                           {"faults": [{"scope": GLOB, "mock": "status=500", "percent": 100}, ...]}
+    POST   /faults  {"scope": GLOB, "mock", "percent": 1..100}
+                                             add a global fault (scope ``*`` and percent 100 by default; a percent
+                                              applies it to that share of the matching requests, evenly spread);
+                                              400 {"error"} on bad grammar
     DELETE /faults[?scope=GLOB]              drop every global fault, or those set for exactly that scope
     GET    /requests[?label=GLOB][&since=SEQ][&max_body=BYTES]
                                              {"requests": [{seq, label, port, method, path, headers,
-                                              header_list, body, body_length, time}]}; ``body`` is the body as
-                                              text, cut at ``max_body`` (default 65536) bytes
+                                              header_list, body, body_length, time, outcome}]}; ``body`` is the
+                                              body as text, cut at ``max_body`` (default 65536) bytes; ``outcome``
+                                              how it was answered (``RecordedRequest.outcome``)
     DELETE /requests                         forget what was received: {"cleared": n}
     GET    /counts                           {label: n} for every label
 
@@ -44,6 +48,7 @@ def record_json(r: RecordedRequest, max_body: int = DEFAULT_MAX_BODY) -> dict[st
         "body": r.body[:max_body].decode("utf-8", "replace"),
         "body_length": len(r.body),
         "time": r.time,
+        "outcome": r.outcome,
     }
 
 
@@ -52,7 +57,7 @@ def _json(status: int, obj: Any) -> tuple[int, bytes]:
 
 
 def _faults(mocks: MockProviders) -> dict[str, Any]:
-    return {"faults": [{"scope": f.scope, "mock": f.mock} for f in mocks.faults()]}
+    return {"faults": [{"scope": f.scope, "mock": f.mock, "percent": f.percent} for f in mocks.faults()]}
 
 
 def handle(mocks: MockProviders, method: str, target: str, body: bytes) -> tuple[int, bytes]:
@@ -75,7 +80,10 @@ def handle(mocks: MockProviders, method: str, target: str, body: bytes) -> tuple
                 scope = spec.get("scope", "*")
                 if not isinstance(scope, str) or not scope:
                     return _json(400, {"error": "scope must be a non-empty label glob"})
-                mocks.fault(scope, spec["mock"])
+                percent = spec.get("percent", 100)
+                if not isinstance(percent, int) or isinstance(percent, bool) or not 1 <= percent <= 100:
+                    return _json(400, {"error": f"percent must be an integer within 1..100, got {percent!r}"})
+                mocks.fault(scope, spec["mock"], percent)
                 return _json(200, _faults(mocks))
             if method == "DELETE":
                 mocks.clear_faults(query.get("scope"))

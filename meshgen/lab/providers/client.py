@@ -68,9 +68,10 @@ class MockAdmin:
         return dict(self._call("GET", "/labels")["labels"])
 
     # ---- faults -------------------------------------------------------------------------------------------------
-    def fault(self, scope: str, mock: str) -> list[Fault]:
-        """Add a global fault: ``mock`` (the ``x-mock`` grammar) on every label matching ``scope``."""
-        return self._faults(self._call("POST", "/faults", {"scope": scope, "mock": mock}))
+    def fault(self, scope: str, mock: str, percent: int = 100) -> list[Fault]:
+        """Add a global fault: ``mock`` (the ``x-mock`` grammar) on the labels matching ``scope``, on ``percent``
+        of their requests; every fault now set."""
+        return self._faults(self._call("POST", "/faults", {"scope": scope, "mock": mock, "percent": percent}))
 
     def faults(self) -> list[Fault]:
         return self._faults(self._call("GET", "/faults"))
@@ -80,7 +81,7 @@ class MockAdmin:
 
     @staticmethod
     def _faults(answer: Any) -> list[Fault]:
-        return [Fault(f["scope"], f["mock"]) for f in answer["faults"]]
+        return [Fault(f["scope"], f["mock"], f["percent"]) for f in answer["faults"]]
 
     # ---- what was received --------------------------------------------------------------------------------------
     def requests(
@@ -99,6 +100,7 @@ class MockAdmin:
                 body=r["body"].encode(),
                 time=r["time"],
                 seq=r["seq"],
+                outcome=r["outcome"],
             )
             for r in got["requests"]
         ]

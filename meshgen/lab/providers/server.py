@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshgen.lab.answers import Answer, answer, api_of, context_exceeded, error_json, reason_phrase
@@ -57,6 +57,9 @@ class RecordedRequest:
     time: float
     #: 1, 2, … in arrival order across every label
     seq: int = 0
+    #: how it was answered, once it was: ``"200"``, ``"500"``, ``"reset"``, ``"drop"``, ``"200 cut"`` (a byte cut),
+    #: ``"200 cut_after"``, ``"200 stalled"``, ``"400 x-mock-error"``; None while answering (or the client left)
+    outcome: str | None = None
 
     def json(self) -> Any:
         """The body parsed as JSON (raises ``ValueError`` when it is not JSON)."""
@@ -65,10 +68,25 @@ class RecordedRequest:
 
 @dataclass(frozen=True)
 class Fault:
-    """Items of the ``x-mock`` grammar applied to every request whose label matches ``scope`` (a glob)."""
+    """Items of the ``x-mock`` grammar applied to the requests whose label matches ``scope`` (a glob): all of them,
+    or ``percent`` of them, spread evenly and deterministically (20 → the 5th, 10th, 15th … matching request)."""
 
     scope: str
     mock: str
+    percent: int = 100
+
+
+@dataclass
+class _Active:
+    fault: Fault
+    seen: int = 0
+    """Matching requests so far."""
+
+    def hits(self) -> bool:
+        """Count one matching request; whether the fault applies to it."""
+        self.seen += 1
+        p = self.fault.percent
+        return p >= 100 or (self.seen * p) // 100 > ((self.seen - 1) * p) // 100
 
 
 def validate_mock(mock: str) -> None:
@@ -145,7 +163,7 @@ class MockProviders(Managed):
         self._settings = tuple(Fault(scope, mock) for scope, mock in settings)
         self._cond = threading.Condition()
         self._records: list[RecordedRequest] = []
-        self._faults: list[Fault] = []
+        self._faults: list[_Active] = []
         self._seq = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -256,21 +274,24 @@ class MockProviders(Managed):
         return out
 
     # ---- global faults --------------------------------------------------------------------------------------
-    def fault(self, scope: str, mock: str) -> None:
-        """Apply ``mock`` (the ``x-mock`` grammar) to every request to a label matching ``scope`` until cleared;
-        a request's own ``x-mock`` header wins key by key. Raises ``MockHeaderError`` on a bad ``mock``."""
+    def fault(self, scope: str, mock: str, percent: int = 100) -> None:
+        """Apply ``mock`` (the ``x-mock`` grammar) to the requests to a label matching ``scope`` (``percent`` of them)
+        until cleared; a request's own ``x-mock`` header wins key by key. Raises ``MockHeaderError`` on a bad
+        ``mock`` and ``ValueError`` on a percent outside 1..100."""
         validate_mock(mock)
+        if not 1 <= percent <= 100:
+            raise ValueError(f"percent must be within 1..100, got {percent}")
         with self._cond:
-            self._faults.append(Fault(scope, mock))
+            self._faults.append(_Active(Fault(scope, mock, percent)))
 
     def faults(self) -> list[Fault]:
         with self._cond:
-            return list(self._faults)
+            return [a.fault for a in self._faults]
 
     def clear_faults(self, scope: str | None = None) -> None:
         """Drop every global fault, or those set for exactly ``scope``."""
         with self._cond:
-            self._faults = [f for f in self._faults if scope is not None and f.scope != scope]
+            self._faults = [a for a in self._faults if scope is not None and a.fault.scope != scope]
 
     def set(
         self,
@@ -299,17 +320,19 @@ class MockProviders(Managed):
         """Drop every global fault (``set()`` and ``fault()``); the settings stay."""
         self.clear_faults()
 
-    def behaviour(self, label: str, mock_header: str = "") -> Behaviour:
+    def behaviour(self, label: str, mock_header: str = "", *, count: bool = False) -> Behaviour:
         """What a request to ``label`` carrying ``x-mock: <mock_header>`` is answered with (raises
-        ``MockHeaderError`` when the header is bad)."""
+        ``MockHeaderError`` when the header is bad). ``count``: the request is real, and counts towards the
+        ``percent`` of the faults it matches (otherwise those below 100 % are left out)."""
         with self._cond:
-            layers = list(self._settings)
+            layers = [f for f in self._settings if fnmatch.fnmatchcase(label, f.scope)]
             if not ignores_global(mock_header, label):
-                layers += self._faults
+                for a in self._faults:
+                    if fnmatch.fnmatchcase(label, a.fault.scope) and (a.hits() if count else a.fault.percent >= 100):
+                        layers.append(a.fault)
         b = Behaviour()
         for f in layers:
-            if fnmatch.fnmatchcase(label, f.scope):
-                b = parse_mock_header(f.mock, label, b)
+            b = parse_mock_header(f.mock, label, b)
         return parse_mock_header(mock_header, label, b)
 
     # ---- server ---------------------------------------------------------------------------------------------
@@ -425,19 +448,26 @@ class MockProviders(Managed):
         """Answer one request; whether the connection is still usable."""
         seq = self._record(label, port, req)
         keep_alive = req.keep_alive
+
+        def outcome(what: str) -> None:
+            self._set_outcome(seq, what)
+
         try:
-            b = self.behaviour(label, ";".join(v for n, v in req.header_list if n == MOCK_HEADER))
+            b = self.behaviour(label, ";".join(v for n, v in req.header_list if n == MOCK_HEADER), count=True)
         except MockHeaderError as e:
             payload = error_json(400, str(e))
             headers = [("content-type", "application/json"), ("x-mock-error", str(e))]
+            outcome("400 x-mock-error")
             await _write(writer, 400, headers, payload, keep_alive, label)
             return keep_alive
         if b.delay_ms:
             await asyncio.sleep(b.delay_ms / 1000)
         if b.reset:
+            outcome("reset")
             _reset(writer)
             return False
         if b.drop:
+            outcome("drop")
             writer.transport.abort()
             return False
         ans = (
@@ -448,17 +478,30 @@ class MockProviders(Managed):
         )
         headers = [*ans.headers, *b.headers]
         if ans.events is not None and b.timed_stream:
-            return await _write_events(reader, writer, ans, headers, keep_alive, label, b)
+            return await _write_events(reader, writer, ans, headers, keep_alive, label, b, outcome)
         if b.ttft_ms:  # a JSON answer: a real provider sends its headers with the finished body
             await asyncio.sleep(b.ttft_ms / 1000)
+        # the outcome is noted before the last write, so a client that has its answer finds it
         if b.chunk_bytes or b.cut is not None:
+            outcome(f"{ans.status} cut" if b.cut is not None else str(ans.status))
             await _write_pieces(writer, ans.status, headers, ans.payload, keep_alive, label, b)
             if b.cut is not None:
                 writer.transport.abort()
                 return False
             return keep_alive
+        outcome(str(ans.status))
         await _write(writer, ans.status, headers, ans.payload, keep_alive, label)
         return keep_alive
+
+    def _set_outcome(self, seq: int, what: str) -> None:
+        with self._cond:
+            for i in range(len(self._records) - 1, -1, -1):
+                if self._records[i].seq == seq:
+                    self._records[i] = replace(self._records[i], outcome=what)
+                    break
+                if self._records[i].seq < seq:
+                    break
+            self._cond.notify_all()
 
 
 # ---- HTTP/1.1 ---------------------------------------------------------------------------------------------------
@@ -572,6 +615,7 @@ async def _write_events(
     keep_alive: bool,
     label: str,
     b: Behaviour,
+    outcome: Callable[[str], None],
 ) -> bool:
     """A stream event by event, chunked: headers at once, the first event ``ttft_ms`` later, ``event_delay_ms``
     apart; ``cut_after`` resets and ``stall_after`` stalls after that many events. Whether the connection lives."""
@@ -582,10 +626,12 @@ async def _write_events(
     events = ans.events or ()
     for i in range(len(events) + 1):
         if b.cut_after is not None and i >= b.cut_after:
+            outcome(f"{ans.status} cut_after")
             _reset(writer)
             return False
         if b.stall_after is not None and i == b.stall_after:
             if b.stall_ms is None:
+                outcome(f"{ans.status} stalled")
                 while await reader.read(65536):  # until the client leaves (or the mock stops)
                     pass
                 return False
@@ -596,6 +642,7 @@ async def _write_events(
             await asyncio.sleep(b.event_delay_ms / 1000)
         writer.write(b"%x\r\n%s\r\n" % (len(events[i]), events[i]))
         await writer.drain()
+    outcome(str(ans.status))
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     return keep_alive
