@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from meshgen.cli import app
 from meshgen.compile import compile_gateway
 from meshgen.ir.model import Gateway
-from meshgen.lab.control import demo_keys, plan_lab
+from meshgen.lab.control import demo_keys, follow_logs, plan_lab
 from meshgen.lab.supervisor import backoff
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +84,22 @@ def test_commands_without_a_lab(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "no lab running" in result.output
     result = CliRunner().invoke(app, ["chaos", "on", "openai-errors", *run_dir])
     assert result.exit_code == 1 and "no lab running" in result.output and "meshgen lab up" in result.output
+
+
+def test_follow_logs_prints_appended_lines(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    log.write_text("old line\n")
+    seen: list[str] = []
+    follow = follow_logs({"service": log}, seen.append, prefix=True, poll=0.0)
+    next(follow)
+    with log.open("a") as f:
+        f.write("new line\nhalf")
+    next(follow)
+    assert seen == ["service       | new line"], "from the end on, whole lines only"
+    with log.open("a") as f:
+        f.write(" done\n")
+    next(follow)
+    assert seen[-1] == "service       | half done"
+    log.write_text("after a restart\n")  # truncated and rewritten
+    next(follow)
+    assert seen[-1] == "service       | after a restart"
