@@ -10,18 +10,23 @@
     .lab/ledger.sqlite    the data-plane service's ledger
 
 `meshgen lab down` removes everything but the logs and the ledger. A pid is trusted only together with its start
-time (``/proc/<pid>/stat``), so a pid the kernel reused for another program is never signalled.
+time (``/proc/<pid>/stat``, or ``ps`` where there is no ``/proc``), so a pid the kernel reused for another program
+is never signalled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+_PROC = Path("/proc")
 
 __all__ = [
     "Fault",
@@ -32,6 +37,7 @@ __all__ = [
     "RunDir",
     "State",
     "alive",
+    "ps_start",
     "start_ticks",
 ]
 
@@ -114,15 +120,31 @@ class State(_Model):
 
 
 def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot); None when there is no such process or it is a zombie."""
+    """When ``pid`` started (clock ticks since boot); None when there is no such process or it is a zombie.
+    Without ``/proc`` (macOS), a number derived from ``ps``'s start time, compared only for equality."""
+    if not _PROC.is_dir():
+        return ps_start(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def ps_start(pid: int) -> int | None:
+    """``start_ticks`` from ``ps -o lstart=,stat=``: its start time to the second, hashed stably; None when gone."""
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "lstart=,stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out or out[-1].startswith("Z"):
+        return None
+    return int.from_bytes(hashlib.sha256(" ".join(out[:-1]).encode()).digest()[:6], "big")
 
 
 def alive(pid: int | None, start: int | None) -> bool:

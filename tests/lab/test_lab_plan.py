@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from meshgen.cli import app
 from meshgen.compile import compile_gateway
 from meshgen.ir.model import Gateway
 from meshgen.lab.control import demo_keys, follow_logs, plan_lab
+from meshgen.lab.state import alive, ps_start, start_ticks
 from meshgen.lab.supervisor import backoff
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +106,13 @@ def test_follow_logs_prints_appended_lines(tmp_path: Path) -> None:
     log.write_text("after a restart\n")  # truncated and rewritten
     next(follow)
     assert seen[-1] == "service       | after a restart"
+
+
+def test_pid_identity_with_and_without_proc() -> None:
+    me = os.getpid()
+    assert start_ticks(me) is not None and alive(me, start_ticks(me))
+    assert not alive(me, (start_ticks(me) or 0) + 1), "same pid, another start: another process"
+    assert ps_start(me) is not None and ps_start(me) == ps_start(me)  # the fallback where /proc is missing
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    assert start_ticks(child.pid) is None and ps_start(child.pid) is None and not alive(child.pid, None)
