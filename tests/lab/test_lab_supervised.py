@@ -237,7 +237,9 @@ def test_chaos_on_off(lab: RunningLab) -> None:
     code, out = lab.cli("chaos", "off", "openai-errors")
     assert code == 0, out
     assert on_in() == dict.fromkeys(REGIONS, False)
-    assert lab.chat("us-east", "gpt-4o", **{"x-model-version": "beta"}) == (200, "provider.openai.us-east.ep0")
+    # OpenAI answers again (which of its endpoints depends on what outlier detection ejected meanwhile)
+    status, served_by = lab.chat("us-east", "gpt-4o", **{"x-model-version": "beta"})
+    assert status == 200 and (served_by or "").startswith("provider.openai."), served_by
 
 
 def test_chaos_names_the_known_faults(lab: RunningLab) -> None:
