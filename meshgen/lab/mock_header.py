@@ -1,7 +1,8 @@
 """The ``x-mock`` grammar: how a test steers the lab's mock providers (``providers/``), per request or globally.
 
 The same grammar is read from the ``x-mock`` request header (one request), from the admin API's
-``POST /faults {"scope": GLOB, "mock": ...}`` (every request to a matching label until ``DELETE /faults``) and from
+``POST /faults {"scope": GLOB, "mock": ..., "percent": 1..100}`` (the requests to a matching label, all or that
+share of them, until ``DELETE /faults``) and from
 ``MockProviders.fault()`` / ``.set()`` in process. It is a ``;``-separated list of ``key=value`` items, each
 optionally scoped with ``@<label or glob>``:
 
@@ -43,8 +44,9 @@ Checks (off by default: Envoy strips the client's key, and only cross-schema cha
                             400 (an OpenAI body on ``/v1/messages`` gets Anthropic's ``invalid_request_error``)
     global=off              (header only) ignore the global faults for this request
 
-Every number and every ``=1`` flag takes ``off`` (or 0) to switch it off again, so a header can undo a global
-fault key by key. Values are percent-decoded, so ``%3B`` ``%40`` ``%3D`` ``%25`` write ``;`` ``@`` ``=`` ``%``.
+Every key but ``body`` and ``header.*`` takes ``off`` to switch it back to its default (flags take ``0`` too), so a
+header can undo a global fault key by key. Values are percent-decoded, so ``%3B`` ``%40`` ``%3D`` ``%25`` write
+``;`` ``@`` ``=`` ``%``.
 
 Precedence, last wins per key: the process's settings (``--require-auth``, ``--strict-schema``), then global
 faults (in the order they were set), then the header's unscoped items, then its scoped items.
