@@ -9,7 +9,7 @@ real supervisor in a session of its own, records its pid and returns at once) an
   healthy within ``STARTUP_TIMEOUT`` before that fails the start: everything is stopped, ``phase: failed``;
 - once ready, checks each process's health every second, kills one that failed ``UNHEALTHY_KILL_AFTER`` checks in
   a row (hung), and restarts a process that exits, after a backoff of 0.5 s doubling per consecutive crash up to 30 s
-  (a process that ran ``STABLE_AFTER`` seconds starts over at 0.5 s), and counts it in
+  (a process that was healthy for ``STABLE_AFTER`` seconds starts over at 0.5 s), and counts it in
   ``service_container_restarts_total{process="<name>"}`` on ``http://127.0.0.1:<supervisor port>/metrics``;
 - re-applies ``chaos.json`` to an Envoy that was restarted (Envoy's admin runtime layer starts empty);
 - on SIGTERM, SIGINT or SIGHUP stops the processes, highest tier first, each with SIGTERM, then SIGKILL after
@@ -84,6 +84,8 @@ class _Child:
     restart_at: float = 0.0
     last_health: float = 0.0
     failed_checks: int = 0
+    healthy_at: float | None = None
+    """When it last became healthy (None: not since it was started)."""
 
 
 class Supervisor:
@@ -101,13 +103,15 @@ class Supervisor:
             ["process"],
             registry=self.registry,
         )
-        self.up = Gauge("meshgen_lab_process_up", "1 while a lab process runs and is healthy.", ["process"],
-                        registry=self.registry)  # fmt: skip
+        self.up = Gauge(
+            "meshgen_lab_process_up", "1 while a lab process runs and is healthy.", ["process"], registry=self.registry
+        )
         for name in self.children:
             self.restarts.labels(name).inc(0)
             self.up.labels(name).set(0)
         self._log = log if log is not None else sys.stderr
         self._written: State | None = None
+        self._start = start_ticks(os.getpid())
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -118,7 +122,7 @@ class Supervisor:
     def _write_state(self) -> None:
         state = State(
             supervisor_pid=os.getpid(),
-            supervisor_start=start_ticks(os.getpid()),
+            supervisor_start=self._start,
             phase="ready" if self.phase == "ready" else "failed" if self.phase == "failed" else "starting",
             error=self.error,
             processes={
@@ -148,11 +152,11 @@ class Supervisor:
             )
         child.start = start_ticks(child.proc.pid)
         child.started_at = time.monotonic()
-        child.status, child.failed_checks = "starting", 0
+        child.status, child.failed_checks, child.healthy_at = "starting", 0, None
         self.say(f"{spec.name}: started, pid {child.proc.pid}")
 
     def _became_healthy(self, child: _Child) -> None:
-        child.status = "running"
+        child.status, child.healthy_at = "running", time.monotonic()
         self.up.labels(child.spec.name).set(1)
         self.say(f"{child.spec.name}: healthy")
         if child.spec.name.startswith("envoy-"):
@@ -198,8 +202,10 @@ class Supervisor:
             child.status = "stopped"
             self.fail(f"{name} exited with {code} before it was ready; see {child.spec.log}")
             return
-        ran = time.monotonic() - child.started_at
-        child.crashes = 1 if ran >= STABLE_AFTER else child.crashes + 1
+        now = time.monotonic()
+        ran = now - child.started_at
+        stable = child.healthy_at is not None and now - child.healthy_at >= STABLE_AFTER
+        child.crashes = 1 if stable else child.crashes + 1
         child.restarts += 1
         self.restarts.labels(name).inc()
         delay = backoff(child.crashes)
@@ -227,8 +233,13 @@ class Supervisor:
                     child.last_health = now
                     if healthy(child.spec):
                         self._became_healthy(child)
-                    elif self.phase == "starting" and now - child.started_at > STARTUP_TIMEOUT:
-                        self.fail(f"{child.spec.name} not healthy within {STARTUP_TIMEOUT:.0f}s; see {child.spec.log}")
+                    elif now - child.started_at > STARTUP_TIMEOUT:
+                        late = f"{child.spec.name} not healthy within {STARTUP_TIMEOUT:.0f}s"
+                        if self.phase == "starting":
+                            self.fail(f"{late}; see {child.spec.log}")
+                        else:  # a restart that does not come up: kill it, the next restart backs off further
+                            self.say(f"{late} after a restart; SIGKILL")
+                            child.proc.kill()
                 elif child.status in ("running", "unhealthy") and now - child.last_health >= LIVENESS_EVERY:
                     child.last_health = now
                     self._check_liveness(child)

@@ -177,6 +177,19 @@ def test_kill_9_is_restarted_and_counted(lab: RunningLab, process: str) -> None:
     assert lab.chat("us-east", "gpt-4o-mini") == (200, "provider.openai.us-east.ep0")
 
 
+def test_crashes_in_a_row_back_off(lab: RunningLab) -> None:
+    first = lab.status()["processes"]["service"]
+    os.kill(first["pid"], signal.SIGKILL)
+    second = lab.wait_restarted("service", first["pid"], first["restarts"] + 1)
+    os.kill(second["pid"], signal.SIGKILL)  # again, well within 10 s of being healthy: the backoff doubles
+    third = lab.wait_restarted("service", second["pid"], first["restarts"] + 2)
+    log = lab.cli("lab", "logs", "supervisor", "-n", "0")[1]
+    delays = {
+        int(n): float(s) for n, s in re.findall(r"service: exited with -9 after \S+; restart (\d+) in (\S+)s", log)
+    }
+    assert delays[third["restarts"]] == 2 * delays[second["restarts"]], log
+
+
 def test_a_hung_process_is_killed_and_restarted(lab: RunningLab) -> None:
     before = lab.status()["processes"]["service"]
     os.kill(before["pid"], signal.SIGSTOP)  # alive, but answers nothing
