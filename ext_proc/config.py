@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "NonCritical",
     "Price",
+    "ProviderConfig",
     "ServiceConfig",
     "TenantConfig",
     "load_config",
@@ -35,6 +36,7 @@ KeyHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
 HeaderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class _Frozen(BaseModel):
@@ -54,6 +56,16 @@ class ModelConfig(_Frozen):
     downgrade: ModelName | None = None
     max_tokens_default: int = Field(ge=1)
     price: Price | None = None
+
+
+class ProviderConfig(_Frozen):
+    """A provider as the translating upstream ext_proc sees it."""
+
+    api: Literal["openai", "anthropic"]
+    """The provider's API schema: which chat endpoint, auth headers and body shape each attempt gets."""
+    key_env: EnvName
+    """The environment variable of this service holding the provider's API key (never the key itself). Unset or
+    empty: attempts to this provider go without credentials."""
 
 
 class Limits(_Frozen):
@@ -102,6 +114,12 @@ class ServiceConfig(_Frozen):
     """A reservation whose usage has not arrived this long after admission is settled at its estimate."""
     alert_webhook: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = None
     """Budget stage alerts are POSTed here as JSON (fire-and-forget, short timeout), besides the metric and log."""
+    providers: dict[str, ProviderConfig] = {}
+    """Every provider a translating chain reaches, by the name its endpoints carry in metadata (`meshgen.provider`)."""
+    translated_chains: dict[ModelName, dict[str, ModelName]] = {}
+    """Chains that cross schemas: model → {provider → the chain's model that provider serves}. The upstream
+    ext_proc on `model.<m>.chain` learns each attempt's provider from the chosen endpoint's metadata and sends it
+    that model's ``upstream_name`` in that provider's schema."""
 
     @model_validator(mode="after")
     def _check_references(self) -> ServiceConfig:
@@ -109,6 +127,17 @@ class ServiceConfig(_Frozen):
         for name, model in self.models.items():
             if model.downgrade is not None and model.downgrade not in self.models:
                 problems.append(f"models.{name}.downgrade: unknown model {model.downgrade!r}")
+        for name, chain in self.translated_chains.items():
+            if name not in self.models:
+                problems.append(f"translated_chains.{name}: unknown model")
+            for provider, target in chain.items():
+                if provider not in self.providers:
+                    problems.append(f"translated_chains.{name}.{provider}: unknown provider")
+                if target not in self.models:
+                    problems.append(f"translated_chains.{name}.{provider}: unknown model {target!r}")
+        for name, model in self.models.items():
+            if name in self.translated_chains and model.provider not in self.providers:
+                problems.append(f"models.{name}.provider: unknown provider {model.provider!r}")
         owner: dict[str, str] = {}
         for tenant_name, tenant in self.tenants.items():
             for i, model_name in enumerate(tenant.models):

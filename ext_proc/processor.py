@@ -24,6 +24,12 @@ Messages, per request:
    releases the reservation) or the sweep (the reserved estimate).
 
 Settling runs in a task of its own: it never delays a chunk.
+
+``translate`` (with ``x-meshgen-chain: <model>``) is the upstream ext_proc of a chain that crosses schemas, one
+stream per attempt (:mod:`ext_proc.translate.attempt`): request headers set the attempt provider's path and auth,
+the buffered request body is translated (content-length follows), the response headers drop content-length when
+the answer will be translated, and the streamed response body comes back in the client's schema — SSE event by
+event, a JSON answer (or error) whole at its end.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,15 +46,20 @@ from typing import Any, Final, Protocol
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
 
 from ext_proc.config import ServiceConfig
 from ext_proc.sse import SseCounter
 from ext_proc.tokens import estimate_prompt_tokens
+from ext_proc.translate import StreamTranslator
+from ext_proc.translate.attempt import Plan, Planner
+from ext_proc.translate.common import TranslationError
 
-__all__ = ["JOBS_KEY", "SCHEMA_KEY", "ExternalProcessor", "Settle", "rewrite_request"]
+__all__ = ["CHAIN_KEY", "JOBS_KEY", "SCHEMA_KEY", "ExternalProcessor", "Settle", "rewrite_request"]
 
 JOBS_KEY: Final = "x-meshgen-jobs"
 SCHEMA_KEY: Final = "x-meshgen-schema"
+CHAIN_KEY: Final = "x-meshgen-chain"
 _RESERVATION: Final = "x-meshgen-reservation"
 _ROUTE: Final = "x-meshgen-route"
 _REQUEST_ID: Final = "x-request-id"
@@ -104,6 +116,22 @@ def _set_header(name: str, value: str) -> Any:
     )
 
 
+def _body_reply(data: bytes) -> Any:
+    mutation = pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True)
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation)))
+
+
+def _immediate(status: int, body: bytes) -> Any:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=[_set_header("content-type", "application/json")]),
+            body=body,
+            details="meshgen_translation_failed",
+        )
+    )
+
+
 _CONTINUE_HEADERS: Final = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_REQUEST_BODY: Final = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
@@ -148,7 +176,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         *,
         logger: logging.Logger | None = None,
         observe_ttft: Callable[[float], None] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """``environ`` holds the provider keys of translating chains (each provider's ``key_env``); default: this
+        process's environment, read once here."""
+        self._planner = Planner(config, os.environ if environ is None else environ)
         self._upstream_names: dict[str, str] = {name: m.upstream_name for name, m in config.models.items()}
         self._settle = settle
         self._observe_ttft = observe_ttft
@@ -160,6 +192,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[Any]:
         metadata: Mapping[str, str] = dict(context.invocation_metadata() or ())
         jobs = {j.strip() for j in str(metadata.get(JOBS_KEY, "count")).split(",")}
+        if "translate" in jobs:
+            async for response in self._translate(request_iterator, str(metadata.get(CHAIN_KEY, ""))):
+                yield response
+            return
         stream = _Stream(str(metadata.get(SCHEMA_KEY, "openai")), "count" in jobs)
         rewrite = "rewrite" in jobs
         try:
@@ -194,6 +230,77 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             self._finish(stream, cut=True)  # no-op after a clean end
+
+    async def _translate(self, request_iterator: AsyncIterator[Any], chain: str) -> AsyncIterator[Any]:
+        """One attempt of a translating chain (module docstring)."""
+        plan: Plan | None = None
+        client_body = b""
+        translating = False
+        out: StreamTranslator | None = None
+        held = bytearray()  # a JSON answer being translated: whole at its end
+        async for message in request_iterator:
+            kind = message.WhichOneof("request")
+            if kind == "request_headers":
+                plan = self._planner.plan(chain, message.attributes)
+                if plan is None:
+                    self._log.error(json.dumps({"event": "translate_unplanned", "chain": chain}))
+                    yield _CONTINUE_HEADERS
+                    continue
+                set_, remove = plan.headers()
+                mutation = pb.HeaderMutation(
+                    set_headers=[_set_header(k, v) for k, v in set_.items()], remove_headers=list(remove)
+                )
+                yield pb.ProcessingResponse(
+                    request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+                )
+            elif kind == "request_body":
+                client_body = message.request_body.body
+                if plan is None:
+                    yield _CONTINUE_REQUEST_BODY
+                    continue
+                try:
+                    new = plan.request(client_body)
+                except TranslationError as error:
+                    yield _immediate(400, plan.error(400, f"cannot send this request to {plan.provider}: {error}"))
+                    return
+                common = pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(set_headers=[_set_header("content-length", str(len(new)))]),
+                    body_mutation=pb.BodyMutation(body=new),
+                )
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+            elif kind == "response_headers":
+                translating = plan is not None and plan.translator is not None
+                if not translating:
+                    yield _CONTINUE_RESPONSE_HEADERS
+                    continue
+                assert plan is not None
+                content_type = _header(message.response_headers, "content-type") or ""
+                if content_type.startswith("text/event-stream"):
+                    out = plan.stream(client_body)
+                mutation = pb.HeaderMutation(remove_headers=["content-length"])
+                yield pb.ProcessingResponse(
+                    response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+                )
+            elif kind == "response_body":
+                body = message.response_body
+                if not translating:
+                    yield _CONTINUE_RESPONSE_BODY
+                elif out is not None:
+                    data = out.feed(body.body)
+                    if body.end_of_stream:
+                        data += out.finish()
+                    yield _body_reply(data)
+                else:
+                    assert plan is not None and plan.translator is not None
+                    held += body.body
+                    yield _body_reply(plan.translator.response(bytes(held)) if body.end_of_stream else b"")
+                if body.end_of_stream:
+                    return
+            elif kind == "request_trailers":
+                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            elif kind == "response_trailers":
+                yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                return
 
     def _request_body(self, stream: _Stream, body: Any) -> Any:
         ask_usage = stream.count and stream.schema == "openai"

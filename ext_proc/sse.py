@@ -15,12 +15,12 @@ from typing import Any, Final
 
 from ext_proc.tokens import count_text
 
-__all__ = ["SseCounter"]
+__all__ = ["SseCounter", "event_data", "event_end"]
 
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
-def _event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
+def event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
     """(index of the first event terminator at or after ``start``, its length), or (-1, 0)."""
     at = buffer.find(b"\n\n", start)
     # Streams almost never carry a CR: only when one comes before the LF pair can another terminator be first.
@@ -35,7 +35,7 @@ def _event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
     return best, size
 
 
-def _data(event: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of one event, or None when it has none."""
     parts = [
         line[5:].removeprefix(b" ")
@@ -101,7 +101,7 @@ class SseCounter:
         changed = start > self._emitted  # bytes held from earlier chunks go out with this one
         pos = 0
         while True:
-            end, size = _event_end(buffer, max(pos, start - 3))
+            end, size = event_end(buffer, max(pos, start - 3))
             if end < 0:
                 break
             event = bytes(buffer[pos : end + size])
@@ -138,7 +138,7 @@ class SseCounter:
 
     def _event(self, event: bytes) -> bool:
         """Read one whole event (without its terminator); True when the client must not see it."""
-        data = _data(event)
+        data = event_data(event)
         if data is None or data == b"[DONE]":
             return False
         try:
@@ -198,6 +198,7 @@ class SseCounter:
                 output = _count(usage.get("output_tokens"))
                 if output is not None:
                     self.output_tokens = output
+                # Cumulative too where present (a stream translated from OpenAI learns its input count only here).
                 found = _count(usage.get("input_tokens"))
-                if found is not None and self.input_tokens is None:
+                if found is not None and (self.input_tokens is None or found > self.input_tokens):
                     self.input_tokens = found

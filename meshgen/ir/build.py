@@ -64,6 +64,11 @@ def _merged(default: _Section, override: _Section | None) -> _Section:
     return default if override is None else default.model_copy(update=override.model_dump(exclude_unset=True))
 
 
+def key_env(provider: str) -> str:
+    """`MESHGEN_KEY_<PROVIDER>`: where the data-plane service finds a provider's key unless the policy names one."""
+    return "MESHGEN_KEY_" + "".join(c if c.isalnum() else "_" for c in provider.upper())
+
+
 def build_clusters(policy: pm.Policy) -> tuple[ir.ProviderCluster, ...]:
     defaults = policy.provider_defaults
     clusters = []
@@ -97,6 +102,7 @@ def build_clusters(policy: pm.Policy) -> tuple[ir.ProviderCluster, ...]:
                     ),
                     breakers=ir.Breakers(**breakers.model_dump()),
                     faults=faults,
+                    key_env=provider.api_key_env or key_env(provider_name),
                 )
             )
     return tuple(clusters)
@@ -107,7 +113,6 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
     for name, spec in sorted(policy.models.items()):
         schema = policy.providers[spec.provider].schema_
         failover = spec.failover or []
-        same_schema = [t for t in failover if policy.providers[policy.models[t].provider].schema_ == schema]
 
         canary = spec.canary
         provider_ms = spec.timeout or policy.providers[spec.provider].timeout or policy.provider_defaults.timeout
@@ -120,8 +125,7 @@ def build_models(policy: pm.Policy) -> tuple[ir.Model, ...]:
                 provider=spec.provider,
                 schema_=schema,
                 upstream_name=spec.upstream_name or name,
-                failover=tuple(same_schema),
-                failover_deferred=tuple(t for t in failover if t not in same_schema),
+                failover=tuple(failover),
                 hedge=ir.Hedge(after_ms=spec.hedge.after) if spec.hedge else None,
                 canary=ir.Canary(
                     model=canary.model,

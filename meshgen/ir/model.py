@@ -62,6 +62,9 @@ class ProviderCluster(Frozen):
     breakers: Breakers
     faults: tuple[Fault, ...]
     """Faults aimed at this cluster; non-empty means a chaos hop sits in front of it."""
+    key_env: str
+    """The data-plane service's environment variable holding this provider's API key: the policy's `api_key_env`,
+    else `MESHGEN_KEY_<PROVIDER>`. Only a translating chain's upstream ext_proc sets it on requests."""
 
 
 class Hedge(Frozen):
@@ -86,9 +89,7 @@ class Model(Frozen):
     schema_: Literal["openai", "anthropic"]
     upstream_name: str
     failover: tuple[str, ...]
-    """Failover models rendered now: the same schema as this model's provider."""
-    failover_deferred: tuple[str, ...]
-    """Failover models across schemas: need the translating upstream ext_proc, not yet rendered."""
+    """Failover models in order; one of another schema makes the chain translate (the upstream ext_proc)."""
     hedge: Hedge | None
     canary: Canary | None
     mirror: Mirror | None
@@ -139,7 +140,7 @@ class Region(Frozen):
     jwt: Jwt | None
     chains: tuple[tuple[str, tuple[str, ...]], ...]
     """(model, provider clusters in priority order) for this region: local clusters first, then other regions,
-    then each same-schema failover model the same way."""
+    then each failover model the same way (a cluster only once, for the first model that reaches it)."""
 
 
 class Slo(Frozen):

@@ -102,7 +102,8 @@ class Provider(Strict):
     schema_: Literal["openai", "anthropic"] = Field(alias="schema")
     endpoints: list[Endpoint] = Field(min_length=1)
     api_key_env: str | None = None
-    """Environment variable holding the provider key. Not yet rendered (provider auth is injected upstream later)."""
+    """The data-plane service's environment variable holding the provider key (default `MESHGEN_KEY_<PROVIDER>`).
+    Set on the requests of chains that cross schemas, where the upstream ext_proc rewrites each attempt."""
     timeout: Duration | None = None
     connect_timeout: Duration | None = None
     outlier: Outlier | None = None
@@ -142,8 +143,8 @@ class Retry(Strict):
 class ModelSpec(Strict):
     provider: Name
     upstream_name: str | None = None
-    """Model name the provider knows; defaults to the key.
-    Not yet rendered: the body rewrite comes with the upstream ext_proc."""
+    """Model name the provider knows; defaults to the key. Sent as the body's `model` by a chain that crosses
+    schemas (every attempt is rewritten upstream) and on a budget downgrade; other chains pass the client's name."""
     failover: list[Name] | None = None
     hedge: Hedge | None = None
     canary: Canary | None = None

@@ -11,7 +11,21 @@ from meshgen.render.document import Document
 from meshgen.render.envoy.target import Target
 
 
+def translated_chains(gw: ir.Gateway) -> dict[str, dict[str, str]]:
+    """Each chain that crosses schemas: model → {provider → the chain's first model that provider serves}."""
+    chains: dict[str, dict[str, str]] = {}
+    for m in gw.models:
+        targets: dict[str, str] = {}
+        for target in (m.name, *m.failover):
+            targets.setdefault(gw.model(target).provider, target)
+        if any(gw.model(t).schema_ != m.schema_ for t in targets.values()):
+            chains[m.name] = targets
+    return chains
+
+
 def service_config(gw: ir.Gateway) -> dict[str, object]:
+    chains = translated_chains(gw)
+    used = {p for chain in chains.values() for p in chain}
     return {
         "schema_version": 1,
         "policy": gw.name,
@@ -47,6 +61,8 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
             }
             for t in gw.tenants
         },
+        "providers": {c.provider: {"api": c.schema_, "key_env": c.key_env} for c in gw.clusters if c.provider in used},
+        "translated_chains": chains,
     }
 
 

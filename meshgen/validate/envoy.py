@@ -24,6 +24,7 @@ _EXTENSION_MODULES = (
     "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",
     "envoy.extensions.filters.http.rbac.v3.rbac_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
+    "envoy.extensions.filters.http.upstream_codec.v3.upstream_codec_pb2",
     "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
     "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
     "envoy.extensions.resource_monitors.downstream_connections.v3.downstream_connections_pb2",

@@ -7,6 +7,7 @@ from typing import Any
 from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import ALS_CLUSTER
 from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
+from meshgen.render.envoy.filters.ext_proc import translate_filters
 from meshgen.render.envoy.routes import chain_cluster
 from meshgen.render.envoy.target import Address, Placement
 from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
@@ -150,8 +151,24 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
     ]
 
 
+def crosses_schemas(gw: ir.Gateway, model: str, chain: tuple[str, ...]) -> bool:
+    """Whether `model`'s chain reaches a provider of another schema than the model's own."""
+    return any(gw.cluster(c).schema_ != gw.model(model).schema_ for c in chain)
+
+
+def _translating(gw: ir.Gateway, model: str) -> dict[str, Any]:
+    """The upstream ext_proc on a chain that crosses schemas (filters/ext_proc.py)."""
+    options = {
+        "@type": HTTP_OPTIONS,
+        "explicit_http_config": {"http_protocol_options": {}},
+        "http_filters": translate_filters(model, fail_open=gw.service.failure_mode == "open"),
+    }
+    return {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}}
+
+
 def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
-    """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1)."""
+    """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1); one that crosses
+    schemas translates each attempt in its upstream ext_proc."""
     clusters = []
     for model, chain in region.chains:
         # Hedges and retries are counted on the route's target, this aggregate (default 3): give it what its
@@ -171,6 +188,7 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
                     },
                 },
                 "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": max_retries}]},
+                **(_translating(gw, model) if crosses_schemas(gw, model, chain) else {}),
             }
         )
     return clusters

@@ -21,6 +21,7 @@ from meshgen.render.envoy.types import (
 )
 
 RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
+SERVED_BY_HEADER = "x-meshgen-served-by"
 UNKNOWN_MODEL_BODY = openai_error(
     "The model does not exist or this gateway does not serve it.", "invalid_request_error", "model_not_found"
 )
@@ -219,6 +220,14 @@ def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
                     "x-envoy-external-address",
                 ],
                 **shared,
+                # Which provider answered, from the chosen endpoint's metadata (a chaos hop's carries it too);
+                # none on a local reply.
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": SERVED_BY_HEADER, "value": "%UPSTREAM_METADATA(meshgen:provider)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
                 # ext_proc opens a stream only where a route turns it on (streams, re-routes).
                 "typed_per_filter_config": ext_proc.off(),
                 "routes": routes,

@@ -32,6 +32,10 @@ PER_ROUTE = f"{API}.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 MESSAGE_TIMEOUT = "0.3s"
 JOBS_KEY = "x-meshgen-jobs"
 SCHEMA_KEY = "x-meshgen-schema"
+CHAIN_KEY = "x-meshgen-chain"
+TRANSLATE_NAME = "meshgen.translate"
+TRANSLATE_TIMEOUT = "1s"
+"""One message's bound: a whole request or JSON answer is translated at once (large prompts take longer)."""
 
 Schema = Literal["openai", "anthropic"]
 
@@ -75,3 +79,40 @@ def on(schema: Schema, *, count: bool, rewrite: bool) -> dict[str, Any]:
         "failure_mode_allow": not rewrite,
     }
     return {NAME: {"@type": PER_ROUTE, "overrides": overrides}}
+
+
+def translate_filters(model: str, *, fail_open: bool) -> list[dict[str, Any]]:
+    """The upstream filter chain of a translating `model.<m>.chain`: ext_proc (per attempt: path, auth, body and
+    content-length for the attempt's provider; the answer back in the client's schema), then the codec.
+
+    `fail_open` is the service's failure mode: with the service down, open sends each attempt on untranslated (an
+    attempt to a provider of the client's schema still succeeds), closed fails it."""
+    return [
+        filter_(
+            TRANSLATE_NAME,
+            f"{API}.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            {
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": ALS_CLUSTER},
+                    "initial_metadata": [{"key": JOBS_KEY, "value": "translate"}, {"key": CHAIN_KEY, "value": model}],
+                },
+                "failure_mode_allow": fail_open,
+                "message_timeout": TRANSLATE_TIMEOUT,
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "request_body_mode": "BUFFERED",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "STREAMED",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+                "request_attributes": ["xds.upstream_host_metadata"],
+                "mutation_rules": {"allow_all_routing": True},
+            },
+        ),
+        filter_(
+            "envoy.filters.http.upstream_codec",
+            f"{API}.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+            {},
+        ),
+    ]
