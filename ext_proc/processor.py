@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -132,6 +133,11 @@ def _immediate(status: int, body: bytes) -> Any:
     )
 
 
+_REQUEST_ONLY: Final = processing_mode_pb2.ProcessingMode(
+    request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
+    response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+)
 _CONTINUE_HEADERS: Final = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_REQUEST_BODY: Final = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
@@ -251,7 +257,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     set_headers=[_set_header(k, v) for k, v in set_.items()], remove_headers=list(remove)
                 )
                 yield pb.ProcessingResponse(
-                    request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+                    request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)),
+                    # An attempt in the client's own schema has nothing to translate back: its answer skips us.
+                    mode_override=None if plan.translator is not None else _REQUEST_ONLY,
                 )
             elif kind == "request_body":
                 client_body = message.request_body.body

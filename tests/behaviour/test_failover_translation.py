@@ -84,7 +84,11 @@ def stream(
     try:
         conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
         response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        try:
+            return response.status, headers, response.read()
+        except http.client.IncompleteRead as cut:  # the stream was cut: what came, marked
+            return response.status, headers | {"x-test-incomplete": "1"}, cut.partial
     finally:
         conn.close()
 
@@ -115,15 +119,14 @@ def settled_use(lab: Running) -> float:
         last = now
 
 
-def chain_streams(lab: Running, model: str) -> int:
-    """Upstream ext_proc streams Envoy opened for `model.<m>.chain` (one per attempt)."""
-    return lab.envoy.stats(f"cluster.model_{model}_chain.ext_proc.").get(
-        f"cluster.model_{model}_chain.ext_proc.streams_started", 0
-    )
+def chain_streams(lab: Running, model: str, stat: str = "streams_started") -> int:
+    """An upstream ext_proc stat of `model.<m>.chain`: streams opened (one per attempt), messages sent."""
+    name = f"cluster.model_{model}_chain.ext_proc.{stat}"
+    return lab.envoy.stats(name).get(name, 0)
 
 
 def test_a_healthy_primary_gets_its_own_schema_and_key(lab: Running) -> None:
-    before = chain_streams(lab, "gpt-4o")
+    before, sent = chain_streams(lab, "gpt-4o"), chain_streams(lab, "gpt-4o", "stream_msgs_sent")
     reply = lab.post(chat("gpt-4o"), headers={"x-mock": f"auth_key=sk-openai-lab@{OPENAI}"})
     assert reply.status == 200, reply.body
     assert reply.headers["x-meshgen-served-by"] == "openai"
@@ -133,6 +136,8 @@ def test_a_healthy_primary_gets_its_own_schema_and_key(lab: Running) -> None:
     assert "x-api-key" not in got.headers and "anthropic-version" not in got.headers
     assert got.json()["model"] == "gpt-4o"
     assert chain_streams(lab, "gpt-4o") == before + 1  # the chain crosses schemas: one stream per attempt
+    # Nothing to translate back: the stream ends after the request body (mode_override), the answer skips Python.
+    assert chain_streams(lab, "gpt-4o", "stream_msgs_sent") == sent + 2
 
 
 def test_openai_down_the_client_gets_openai_json_from_anthropic(lab: Running) -> None:
@@ -254,3 +259,26 @@ def test_three_failures_eject_the_provider(lab: Running) -> None:
     reply = lab.post(chat("gpt-4o"))
     assert reply.status == 200 and reply.headers["x-meshgen-served-by"] == "anthropic"
     assert lab.upstream.count(OPENAI) == 0
+
+
+def test_an_anthropic_error_reaches_the_client_in_openai_shape(lab: Running) -> None:
+    reply = lab.post(chat("gpt-4o"), headers={"x-mock": f"status=500@{OPENAI};context_exceeded=1@{ANTHROPIC}"})
+    assert reply.status == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request_error"
+    assert "too long" in error["message"]
+
+
+def test_a_reset_primary_fails_over_to_anthropic(lab: Running) -> None:
+    reply = lab.post(chat("gpt-4o"), headers={"x-mock": f"reset=1@{OPENAI}"})
+    assert reply.status == 200 and reply.headers["x-meshgen-served-by"] == "anthropic"
+    assert reply.json()["object"] == "chat.completion"
+
+
+def test_a_translated_stream_cut_by_anthropic_ends_as_an_error(lab: Running) -> None:
+    mock = f"status=500@{OPENAI};cut_after=5@{ANTHROPIC};event_delay_ms=100@{ANTHROPIC}"
+    status, headers, body = stream(lab, chat("gpt-4o", stream=True), mock=mock)
+    assert status == 200 and headers["x-meshgen-served-by"] == "anthropic"
+    assert headers.get("x-test-incomplete") == "1"  # HTTP/1.1: the chunked body never ends cleanly
+    assert b'"content": "mock ' in body or b'"content":"mock ' in body  # the tokens before the cut came through
+    assert b"[DONE]" not in body and b'finish_reason":"stop' not in body  # never a stream that looks complete

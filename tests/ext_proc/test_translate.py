@@ -6,9 +6,12 @@ import json
 from typing import Any
 
 import pytest
+from google.protobuf.struct_pb2 import Struct, Value
 
+from ext_proc.config import ServiceConfig
 from ext_proc.sse import SseCounter
 from ext_proc.translate import PATHS, TranslationError, anthropic_to_openai, openai_to_anthropic, translator
+from ext_proc.translate.attempt import Plan, Planner, provider_of
 from meshgen.lab.answers import anthropic_events, sse_chunks
 
 TOOLS = [
@@ -470,3 +473,123 @@ def test_translators_by_schema_pair() -> None:
     assert translator("anthropic", "openai") is anthropic_to_openai
     assert translator("openai", "openai") is None
     assert PATHS == {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+
+
+# ---- one attempt ------------------------------------------------------------------------------------------
+
+HOST_METADATA = (
+    'filter_metadata { key: "meshgen" value { fields { key: "endpoint" value { string_value: '
+    '"provider.anthropic.global.ep0" } } fields { key: "provider" value { string_value: "anthropic" } } } }'
+)
+
+
+def test_the_attempts_provider_is_read_from_envoys_text_metadata() -> None:
+    assert provider_of(HOST_METADATA) == "anthropic"
+    assert provider_of("") is None
+
+
+def _plan(api: str, client: str, key: str) -> Plan:
+    return Plan(
+        provider="p",
+        api=api,
+        client=client,
+        model="m-upstream",
+        max_tokens=99,
+        key=key,
+        translator=translator(client, api),
+    )
+
+
+@pytest.mark.parametrize(
+    ("api", "key", "set_", "remove"),
+    [
+        (
+            "anthropic",
+            "sk-a",
+            {":path": "/v1/messages", "anthropic-version": "2023-06-01", "x-api-key": "sk-a"},
+            ("accept-encoding", "authorization"),
+        ),
+        (
+            "anthropic",
+            "",
+            {":path": "/v1/messages", "anthropic-version": "2023-06-01"},
+            ("accept-encoding", "authorization", "x-api-key"),
+        ),
+        (
+            "openai",
+            "sk-o",
+            {":path": "/v1/chat/completions", "authorization": "Bearer sk-o"},
+            ("accept-encoding", "x-api-key", "anthropic-version"),
+        ),
+        (
+            "openai",
+            "",
+            {":path": "/v1/chat/completions"},
+            ("accept-encoding", "x-api-key", "anthropic-version", "authorization"),
+        ),
+    ],
+    ids=["anthropic", "anthropic-no-key", "openai", "openai-no-key"],
+)
+def test_every_attempt_sets_every_provider_header(
+    api: str, key: str, set_: dict[str, str], remove: tuple[str, ...]
+) -> None:
+    assert _plan(api, "openai", key).headers() == (set_, remove)
+
+
+def test_a_same_schema_attempt_gets_its_models_name() -> None:
+    plan = _plan("openai", "openai", "")
+    body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    assert loads(plan.request(body)) == {"model": "m-upstream", "messages": []}
+    same = json.dumps({"model": "m-upstream"}).encode()
+    assert plan.request(same) is same
+    with pytest.raises(TranslationError):
+        plan.request(b"nope")
+
+
+def test_plans_come_from_the_contract_and_the_environment() -> None:
+    config = ServiceConfig.model_validate(
+        {
+            "schema_version": 1,
+            "policy": "p",
+            "failure_mode": "closed",
+            "models": {
+                "gpt-4o": {"provider": "openai", "upstream_name": "gpt-4o", "max_tokens_default": 1024},
+                "claude": {"provider": "anthropic", "upstream_name": "claude-x", "max_tokens_default": 512},
+            },
+            "tenants": {},
+            "providers": {
+                "openai": {"api": "openai", "key_env": "K_OPENAI"},
+                "anthropic": {"api": "anthropic", "key_env": "K_ANTHROPIC"},
+            },
+            "translated_chains": {"gpt-4o": {"openai": "gpt-4o", "anthropic": "claude"}},
+        }
+    )
+    planner = Planner(config, {"K_ANTHROPIC": "sk-ant"})
+    attributes = {"meshgen.translate": Struct(fields={"xds.upstream_host_metadata": Value(string_value=HOST_METADATA)})}
+    plan = planner.plan("gpt-4o", attributes)
+    assert plan is not None
+    assert (plan.provider, plan.api, plan.client, plan.model, plan.max_tokens, plan.key) == (
+        "anthropic",
+        "anthropic",
+        "openai",
+        "claude-x",
+        512,
+        "sk-ant",
+    )
+    assert plan.translator is openai_to_anthropic
+    assert planner.plan("claude", attributes) is None  # not a translating chain
+    assert planner.plan("gpt-4o", {}) is None  # no metadata
+
+
+def test_the_contract_refuses_unknown_chain_references() -> None:
+    with pytest.raises(ValueError, match="unknown provider"):
+        ServiceConfig.model_validate(
+            {
+                "schema_version": 1,
+                "policy": "p",
+                "failure_mode": "closed",
+                "models": {"m": {"provider": "openai", "upstream_name": "m", "max_tokens_default": 1}},
+                "tenants": {},
+                "translated_chains": {"m": {"openai": "m"}},
+            }
+        )

@@ -107,6 +107,8 @@ def translate_filters(model: str, *, fail_open: bool) -> list[dict[str, Any]]:
                     "response_trailer_mode": "SKIP",
                 },
                 "request_attributes": ["xds.upstream_host_metadata"],
+                # An attempt in the client's own schema answers its headers with response modes SKIP/NONE.
+                "allow_mode_override": True,
                 "mutation_rules": {"allow_all_routing": True},
             },
         ),
