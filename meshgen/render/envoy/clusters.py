@@ -11,6 +11,7 @@ from meshgen.render.envoy.filters.ext_proc import translate_filters
 from meshgen.render.envoy.routes import chain_cluster
 from meshgen.render.envoy.target import Address, Placement
 from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
+from meshgen.render.extproc_config import translated_chains
 
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -151,11 +152,6 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
     ]
 
 
-def crosses_schemas(gw: ir.Gateway, model: str, chain: tuple[str, ...]) -> bool:
-    """Whether `model`'s chain reaches a provider of another schema than the model's own."""
-    return any(gw.cluster(c).schema_ != gw.model(model).schema_ for c in chain)
-
-
 def _translating(gw: ir.Gateway, model: str) -> dict[str, Any]:
     """The upstream ext_proc on a chain that crosses schemas (filters/ext_proc.py)."""
     options = {
@@ -170,6 +166,7 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1); one that crosses
     schemas translates each attempt in its upstream ext_proc."""
     clusters = []
+    translating = translated_chains(gw)
     for model, chain in region.chains:
         # Hedges and retries are counted on the route's target, this aggregate (default 3): give it what its
         # providers allow between them, so none is silently dropped.
@@ -188,7 +185,7 @@ def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
                     },
                 },
                 "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": max_retries}]},
-                **(_translating(gw, model) if crosses_schemas(gw, model, chain) else {}),
+                **(_translating(gw, model) if model in translating else {}),
             }
         )
     return clusters
