@@ -238,7 +238,21 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self._finish(stream, cut=True)  # no-op after a clean end
 
     async def _translate(self, request_iterator: AsyncIterator[Any], chain: str) -> AsyncIterator[Any]:
-        """One attempt of a translating chain (module docstring)."""
+        """One attempt of a translating chain (module docstring). A translator's bug fails the attempt (the gRPC
+        stream errors; Envoy applies the filter's failure mode), logged without the request's content."""
+        try:
+            async for response in self._translate_attempt(request_iterator, chain):
+                yield response
+        except Exception as exc:
+            frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
+            self._log.error(
+                json.dumps(
+                    {"event": "translate_error", "chain": chain, "error": type(exc).__name__} | {"stack": frames}
+                )
+            )
+            raise
+
+    async def _translate_attempt(self, request_iterator: AsyncIterator[Any], chain: str) -> AsyncIterator[Any]:
         plan: Plan | None = None
         client_body = b""
         translating = False

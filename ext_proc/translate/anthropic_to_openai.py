@@ -17,6 +17,7 @@ from ext_proc.translate.common import (
     SseReader,
     TranslationError,
     dumps,
+    index_of,
     json_object,
     obj,
     parse_data,
@@ -331,7 +332,7 @@ class Stream:
                 if not isinstance(call, dict):
                     continue
                 fn = obj(call.get("function"))
-                number = int(call.get("index", 0))
+                number = index_of(call)
                 if number not in self._tools:
                     index = self._next_index()
                     out += self._close_block()

@@ -8,7 +8,17 @@ from typing import Any, Final
 
 from ext_proc.sse import event_data, event_end
 
-__all__ = ["DONE", "SseReader", "TranslationError", "dumps", "json_object", "obj", "parse_data", "sse_event"]
+__all__ = [
+    "DONE",
+    "SseReader",
+    "TranslationError",
+    "dumps",
+    "index_of",
+    "json_object",
+    "obj",
+    "parse_data",
+    "sse_event",
+]
 
 
 class TranslationError(ValueError):
@@ -82,3 +92,9 @@ def parse_data(data: bytes | None) -> dict[str, Any] | None:
 def obj(value: Any) -> dict[str, Any]:
     """``value`` when it is a JSON object, else an empty one: lenient reading of fields that may be missing."""
     return value if isinstance(value, dict) else {}
+
+
+def index_of(item: dict[str, Any]) -> int:
+    """An event's or tool call's ``index`` (0 when missing or not a whole number)."""
+    value = item.get("index")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

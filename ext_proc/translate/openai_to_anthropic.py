@@ -18,6 +18,7 @@ from ext_proc.translate.common import (
     SseReader,
     TranslationError,
     dumps,
+    index_of,
     json_object,
     obj,
     parse_data,
@@ -303,7 +304,7 @@ class Stream:
         if kind == "content_block_start":
             block = obj(event.get("content_block"))
             if block.get("type") == "tool_use":
-                index = self._tools.setdefault(int(event.get("index", 0)), len(self._tools))
+                index = self._tools.setdefault(index_of(event), len(self._tools))
                 call = {
                     "index": index,
                     "id": block.get("id"),
@@ -319,7 +320,7 @@ class Stream:
             if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                 return self._chunk({"content": delta["text"]})
             if delta.get("type") == "input_json_delta":
-                index = self._tools.get(int(event.get("index", 0)), 0)
+                index = self._tools.get(index_of(event), 0)
                 call = {"index": index, "function": {"arguments": str(delta.get("partial_json", ""))}}
                 return self._chunk({"tool_calls": [call]})
             return b""
