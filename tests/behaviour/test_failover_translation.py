@@ -8,7 +8,8 @@ import http.client
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -34,6 +35,8 @@ providers:
   claude-first: {schema: anthropic, endpoints: [{url: "https://claude.example"}]}
   gpt-second: {schema: openai, endpoints: [{url: "https://gpt.example", region: us-east}]}
   solo: {schema: openai, endpoints: [{url: "https://solo.example", region: us-east}]}
+  openai-o: {schema: openai, endpoints: [{url: "https://o.openai.example", region: us-east}], outlier: {ejection: 1s}}
+  anthropic-o: {schema: anthropic, endpoints: [{url: "https://o.anthropic.example"}]}
   solo-backup: {schema: openai, endpoints: [{url: "http://solo-backup:8000", region: us-east}]}
 models:
   gpt-4o: {provider: openai, failover: [claude-sonnet, llama3]}
@@ -42,11 +45,13 @@ models:
   claude-main: {provider: claude-first, upstream_name: claude-main-1, failover: [gpt-backup]}
   gpt-backup: {provider: gpt-second, upstream_name: gpt-4o-2026}
   plain: {provider: solo, failover: [plain-backup]}
+  outage-gpt: {provider: openai-o, failover: [outage-claude, llama3]}
+  outage-claude: {provider: anthropic-o}
   plain-backup: {provider: solo-backup}
 tenants:
   team:   # key sk-test-team
     keys: ["sha256:d414d7154af989b8f8a7e6859d3a1daae71905faa1a75109bc366c299bb81109"]
-    models: [gpt-4o, claude-main, plain]
+    models: [gpt-4o, claude-main, plain, outage-gpt]
 """
 KEYS = {
     "MESHGEN_KEY_OPENAI": "sk-openai-lab",
@@ -282,3 +287,50 @@ def test_a_translated_stream_cut_by_anthropic_ends_as_an_error(lab: Running) -> 
     assert headers.get("x-test-incomplete") == "1"  # HTTP/1.1: the chunked body never ends cleanly
     assert b'"content": "mock ' in body or b'"content":"mock ' in body  # the tokens before the cut came through
     assert b"[DONE]" not in body and b'finish_reason":"stop' not in body  # never a stream that looks complete
+
+
+def _one(lab: Running, streaming: bool) -> tuple[int, str, bool]:
+    """One outage-gpt request: (status, served by, whether the answer is a complete OpenAI answer)."""
+    if not streaming:
+        reply = lab.post(chat("outage-gpt"))
+        ok = reply.status == 200 and reply.json()["object"] == "chat.completion"
+        return reply.status, reply.headers.get("x-meshgen-served-by", ""), ok
+    status, headers, body = stream(lab, chat("outage-gpt", stream=True), mock="global=on")
+    events = events_of(body)
+    ok = "x-test-incomplete" not in headers and events[-1] == b"[DONE]"
+    ok = ok and all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+    return status, headers.get("x-meshgen-served-by", ""), ok
+
+
+def _load(lab: Running, n: int) -> list[tuple[int, str, bool]]:
+    """`n` requests, half of them streams, 4 at a time."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda i: _one(lab, i % 2 == 1), range(n)))
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_provider_outage_under_load(lab: Running) -> None:
+    """openai down (500s, then connection resets) under a bounded load: no client error, every answer OpenAI's
+    whoever served it, the provider ejected after 3 failures, and its traffic back once it recovers."""
+    primary, ejections = (
+        "provider.openai-o.*",
+        "cluster.provider_openai-o_us-east.outlier_detection.ejections_enforced_total",
+    )
+    lab.upstream.fault(primary, "status=500")
+    for phase in ("status=500", "reset=1"):
+        lab.upstream.clear_faults()
+        lab.upstream.fault(primary, phase)
+        results = _load(lab, 40)
+        assert [r for r in results if r[0] != 200 or not r[2]] == [], phase
+        assert {served for _, served, _ in results} <= {"openai-o", "anthropic-o", "ollama"}
+        assert any(served == "anthropic-o" for _, served, _ in results)
+    assert lab.envoy.stats(ejections).get(ejections, 0) >= 1  # the alert condition
+    lab.upstream.clear_faults()
+    _wait(lambda: _one(lab, False)[1] == "openai-o", "openai-o never got its traffic back")
+    assert all(r[0] == 200 and r[2] for r in _load(lab, 8))
