@@ -334,3 +334,12 @@ def test_provider_outage_under_load(lab: Running) -> None:
     lab.upstream.clear_faults()
     _wait(lambda: _one(lab, False)[1] == "openai-o", "openai-o never got its traffic back")
     assert all(r[0] == 200 and r[2] for r in _load(lab, 8))
+
+
+def test_a_request_anthropic_cannot_take_gets_a_400_in_openai_shape(lab: Running) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "function", "name": "f", "content": "x"}]}
+    reply = lab.post(body, headers={"x-mock": f"status=500@{OPENAI}"})
+    assert reply.status == 400, reply.body
+    error = reply.json()["error"]
+    assert error["code"] == "translation_failed" and "anthropic" in error["message"]
+    assert lab.upstream.count(ANTHROPIC) == 0  # never sent what the provider cannot read
