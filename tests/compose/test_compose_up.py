@@ -96,6 +96,7 @@ def host_network_plan(compose: dict[str, Any]) -> tuple[dict[str, set[int]], dic
 
 def _busy(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener, not a past run's TIME_WAIT, is busy
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
