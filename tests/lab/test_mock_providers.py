@@ -51,9 +51,11 @@ class MockProcess:
 
 
 @contextmanager
-def mock_process(labels: Mapping[str, int], admin_port: int, *extra: str) -> Iterator[MockProcess]:
-    """``python -m meshgen.lab.providers`` as a child process; ready when it printed its ready line."""
+def mock_process(labels: Mapping[str, int], admin_port: int, *extra: str, quiet: bool = True) -> Iterator[MockProcess]:
+    """``python -m meshgen.lab.providers`` as a child process; ready when it printed its ready line. ``quiet``
+    unless the test reads its access log (a pipe nobody reads would fill up)."""
     argv = [sys.executable, "-m", "meshgen.lab.providers", "--admin-port", str(admin_port), *extra]
+    argv += ["--quiet"] if quiet else []
     for label, port in labels.items():
         argv += ["--listen", f"{label}={port}"]
     proc = subprocess.Popen(
@@ -196,8 +198,10 @@ def test_health_on_every_port_and_the_admin_port(mocks: MockProcess) -> None:
 
 def test_sigterm_exits_cleanly_and_frees_the_ports() -> None:
     port, admin = free_ports(2)
-    with mock_process({OPENAI: port}, admin) as m:
-        assert call(port, body=chat()).status == 200
+    with mock_process({OPENAI: port}, admin, quiet=False) as m:
+        assert call(port, body=chat(), headers={"x-mock": "status=503"}).status == 503
+        assert m.proc.stdout is not None
+        assert m.proc.stdout.readline().startswith(f"{OPENAI} POST /v1/chat/completions 503 ")  # the access log
         m.proc.send_signal(signal.SIGTERM)
         assert m.proc.wait(10) == 0
     for p in (port, admin):

@@ -4,7 +4,8 @@
         --admin-port PORT [--require-auth GLOB[=KEY] ...] [--strict-schema GLOB ...]
 
 Serves every ``LABEL=PORT`` and the admin API on ``--admin-port`` (``GET /healthz`` on each), prints one line
-``mock providers ready: ...`` when all listen, and runs until SIGTERM or SIGINT: exit 0. Exit 1 when a port
+``mock providers ready: ...`` when all listen, then one line per answered request (``LABEL METHOD PATH OUTCOME
+MS``; ``--quiet`` leaves them out), and runs until SIGTERM or SIGINT: exit 0. Exit 1 when a port
 cannot be bound, 2 on a bad command line.
 
 ``--require-auth GLOB[=KEY]`` makes the labels matching GLOB refuse requests without the provider's credential
@@ -19,9 +20,10 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 
-from meshgen.lab.mock_header import MockHeaderError, format_items
-from meshgen.lab.providers.server import MockProviders
+from meshgen.lab.mock_header import MOCK_HEADER, MockHeaderError, format_items
+from meshgen.lab.providers.server import MockProviders, RecordedRequest
 
 __all__ = ["main"]
 
@@ -50,7 +52,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, required=True, metavar="PORT")
     p.add_argument("--require-auth", action="append", type=_require_auth, default=[], metavar="GLOB[=KEY]")
     p.add_argument("--strict-schema", action="append", default=[], metavar="GLOB")
+    p.add_argument("--quiet", action="store_true", help="no line per answered request")
     return p
+
+
+def _access_line(r: RecordedRequest) -> None:
+    ms = (time.monotonic() - r.time) * 1000
+    x_mock = r.headers.get(MOCK_HEADER)
+    print(f"{r.label} {r.method} {r.path} {r.outcome} {ms:.0f}ms" + (f" x-mock={x_mock}" if x_mock else ""), flush=True)
 
 
 async def _serve(mocks: MockProviders) -> None:
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = dict(args.listen)
     settings = [*args.require_auth, *((scope, "schema=strict") for scope in args.strict_schema)]
     try:
-        mocks = MockProviders(labels, host=args.host, admin_port=args.admin_port, settings=settings)
+        log = None if args.quiet else _access_line
+        mocks = MockProviders(labels, host=args.host, admin_port=args.admin_port, settings=settings, access_log=log)
     except (ValueError, MockHeaderError) as e:
         print(f"mock providers: {e}", file=sys.stderr)
         return 2

@@ -142,7 +142,8 @@ class MockProviders(Managed):
     """Mock LLM providers on ``{label: port}``, and the admin API on ``admin_port`` when one is given.
 
     ``settings`` are faults that ``reset()`` / ``DELETE /faults`` leave in place (the process's ``--require-auth``
-    and ``--strict-schema``), as ``(scope, mock)`` pairs.
+    and ``--strict-schema``), as ``(scope, mock)`` pairs. ``access_log`` is called with each request once its
+    outcome is known.
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class MockProviders(Managed):
         host: str = "127.0.0.1",
         admin_port: int | None = None,
         settings: Sequence[tuple[str, str]] = (),
+        access_log: Callable[[RecordedRequest], object] | None = None,
     ) -> None:
         if len(set(labels.values())) != len(labels) or admin_port in labels.values():
             raise ValueError(f"MockProviders: two labels share a port: {dict(labels)} (admin {admin_port})")
@@ -161,6 +163,7 @@ class MockProviders(Managed):
         self.host = host
         self.admin_port = admin_port
         self._settings = tuple(Fault(scope, mock) for scope, mock in settings)
+        self._access_log = access_log
         self._cond = threading.Condition()
         self._records: list[RecordedRequest] = []
         self._faults: list[_Active] = []
@@ -494,14 +497,17 @@ class MockProviders(Managed):
         return keep_alive
 
     def _set_outcome(self, seq: int, what: str) -> None:
+        done: RecordedRequest | None = None
         with self._cond:
             for i in range(len(self._records) - 1, -1, -1):
                 if self._records[i].seq == seq:
-                    self._records[i] = replace(self._records[i], outcome=what)
+                    done = self._records[i] = replace(self._records[i], outcome=what)
                     break
                 if self._records[i].seq < seq:
                     break
             self._cond.notify_all()
+        if done is not None and self._access_log is not None:
+            self._access_log(done)
 
 
 # ---- HTTP/1.1 ---------------------------------------------------------------------------------------------------
