@@ -340,9 +340,9 @@ def test_delay(mocks: MockProcess) -> None:
     ids=["openai", "anthropic", "ollama"],
 )
 def test_slow_first_token_sends_the_headers_at_once(mocks: MockProcess, path: str, body: dict[str, Any]) -> None:
-    reply = call(mocks.port(OPENAI), path, body, {"x-mock": "ttft_ms=400"})
+    reply = call(mocks.port(OPENAI), path, body, {"x-mock": "ttft_ms=800"})
     assert reply.status == 200 and reply.error is None
-    assert reply.t_headers < 0.3 and reply.t_first >= 0.4
+    assert reply.t_headers < 0.6 and reply.t_first >= 0.8
     assert reply.headers["transfer-encoding"] == "chunked"
 
 
