@@ -33,12 +33,12 @@ def test_committed_generated_tree_is_current(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_typo_prints_line_and_did_you_mean_and_writes_nothing(tmp_path: Path) -> None:
     policy = tmp_path / "lab.yaml"
-    policy.write_text(LAB.read_text().replace("failover: [llama3, claude-sonnet]", "failover: [llama3, claude-sonet]"))
-    line = next(i for i, text in enumerate(policy.read_text().splitlines(), 1) if "claude-sonet]" in text)
+    policy.write_text(LAB.read_text().replace("failover: [claude-sonnet, llama3]", "failover: [claude-sonet, llama3]"))
+    line = next(i for i, text in enumerate(policy.read_text().splitlines(), 1) if "[claude-sonet," in text)
     code, out = run("build", str(policy), "-o", str(tmp_path / "out"))
     assert code == 1
     assert (
-        f"{policy}:{line}: models.gpt-4o.failover[1]: unknown model 'claude-sonet' "
+        f"{policy}:{line}: models.gpt-4o.failover[0]: unknown model 'claude-sonet' "
         "(did you mean 'claude-sonnet'?) [MG101]" in out
     )
     assert not (tmp_path / "out").exists()
