@@ -15,9 +15,10 @@ each in turn, alone. Those ports must be free here.
 
 It proves: a chat completion through Envoy + the data-plane service + the mock in containers gets 200 and its
 tokens are counted (the service's /metrics); the service killed as a crash is (SIGKILL to its process: Docker
-treats `docker kill` as a manual stop, which no restart policy undoes) comes back by its restart policy and
-requests succeed again; every region's Envoy gets healthy in its container and answers (its tokens counted when it
-takes the lab's API key); `down -v` leaves no container, volume or network of the project.
+treats `docker kill` as a manual stop, which no restart policy undoes) comes back by its restart policy, serves
+again and still has its ledger (the `ledger` volume); every region's Envoy gets healthy in its container and
+answers (its tokens counted when it takes the lab's API key); `down -v` leaves no container, volume or network of
+the project.
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ def _tokens(metrics_url: str) -> dict[str, float]:
     return out
 
 
+def _budget_used(metrics_url: str) -> float | None:
+    """meshgen_budget_used_ratio of the test's tenant: the ledger's day total over its daily limit."""
+    status, _, text = _request(metrics_url)
+    assert status == 200, text
+    match = re.search(rf'^meshgen_budget_used_ratio\{{tenant="{TENANT}"\}} (\S+)$', text.decode(), re.MULTILINE)
+    return float(match[1]) if match else None
+
+
 def _eventually(what: str, check: Any, timeout: float, every: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -225,6 +234,8 @@ def test_compose_up_serves_counts_restarts_and_down_cleans(engine: Dockerd, tmp_
         assert headers.get("x-served-by", "").startswith("provider.ollama."), headers
         want = {"input": float(usage["prompt_tokens"]), "output": float(usage["completion_tokens"])}
         _eventually("tokens counted by the service", lambda: _tokens(metrics) == want, timeout=15)
+        used_before = _budget_used(metrics)
+        assert used_before, "the tenant's day budget shows no use"
 
         # a crash, as Docker sees one: the service's process dies by SIGKILL (from this host's pid namespace)
         before = inspect("meshgen-service")
@@ -241,6 +252,8 @@ def test_compose_up_serves_counts_restarts_and_down_cleans(engine: Dockerd, tmp_
         usage = json.loads(body)["usage"]
         want = {"input": float(usage["prompt_tokens"]), "output": float(usage["completion_tokens"])}
         _eventually("the restarted service counts tokens", lambda: _tokens(metrics) == want, timeout=15)
+        # the ledger lives in the `ledger` volume: the restarted service still knows the first request's tokens
+        assert _budget_used(metrics) == pytest.approx(2 * used_before), "the ledger did not survive the restart"
 
         # the other regions' Envoys need the same ports on the host's network: each in turn, alone
         compose_cmd("stop", "-t", "5", *envoys)
