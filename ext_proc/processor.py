@@ -30,11 +30,16 @@ stream per attempt (:mod:`ext_proc.translate.attempt`): request headers set the 
 the buffered request body is translated (content-length follows), the response headers drop content-length when
 the answer will be translated, and the streamed response body comes back in the client's schema — SSE event by
 event, a JSON answer (or error) whole at its end.
+
+``hold`` (with ``x-meshgen-hold-ms``) is the upstream ext_proc of the stream twin of a hedged chain: each attempt's
+response headers wait for its first token, so Envoy hedges streams on time to first token (:mod:`ext_proc.hold`);
+alone it leaves the stream once the token came, with ``translate`` it goes on translating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -50,6 +55,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from ext_proc.config import ServiceConfig
+from ext_proc.hold import hold_first_token
 from ext_proc.sse import SseCounter
 from ext_proc.tokens import estimate_prompt_tokens
 from ext_proc.translate import StreamTranslator
@@ -61,6 +67,7 @@ __all__ = ["CHAIN_KEY", "JOBS_KEY", "SCHEMA_KEY", "ExternalProcessor", "Settle",
 JOBS_KEY: Final = "x-meshgen-jobs"
 SCHEMA_KEY: Final = "x-meshgen-schema"
 CHAIN_KEY: Final = "x-meshgen-chain"
+HOLD_KEY: Final = "x-meshgen-hold-ms"
 _RESERVATION: Final = "x-meshgen-reservation"
 _ROUTE: Final = "x-meshgen-route"
 _REQUEST_ID: Final = "x-request-id"
@@ -142,6 +149,20 @@ _CONTINUE_HEADERS: Final = pb.ProcessingResponse(request_headers=pb.HeadersRespo
 _CONTINUE_REQUEST_BODY: Final = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_RESPONSE_BODY: Final = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE: Final = {
+    "request_headers": _CONTINUE_HEADERS,
+    "request_body": _CONTINUE_REQUEST_BODY,
+    "response_headers": _CONTINUE_RESPONSE_HEADERS,
+    "response_body": _CONTINUE_RESPONSE_BODY,
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+async def _pass_through(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Every message answered unchanged: what a hold alone needs around it."""
+    async for message in messages:
+        yield _CONTINUE[message.WhichOneof("request")]
 
 
 class _Stream:
@@ -198,8 +219,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[Any]:
         metadata: Mapping[str, str] = dict(context.invocation_metadata() or ())
         jobs = {j.strip() for j in str(metadata.get(JOBS_KEY, "count")).split(",")}
+        chain = str(metadata.get(CHAIN_KEY, ""))
+        if "hold" in jobs:
+            translate = "translate" in jobs
+            process = functools.partial(self._translate, chain=chain, hold=True) if translate else _pass_through
+            hold_ms = int(metadata.get(HOLD_KEY, "0") or 0)
+            async for response in hold_first_token(
+                request_iterator, process, hold_ms=hold_ms, close_after=not translate
+            ):
+                yield response
+            return
         if "translate" in jobs:
-            async for response in self._translate(request_iterator, str(metadata.get(CHAIN_KEY, ""))):
+            async for response in self._translate(request_iterator, chain):
                 yield response
             return
         stream = _Stream(str(metadata.get(SCHEMA_KEY, "openai")), "count" in jobs)
@@ -237,11 +268,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         finally:
             self._finish(stream, cut=True)  # no-op after a clean end
 
-    async def _translate(self, request_iterator: AsyncIterator[Any], chain: str) -> AsyncIterator[Any]:
+    async def _translate(
+        self, request_iterator: AsyncIterator[Any], chain: str, *, hold: bool = False
+    ) -> AsyncIterator[Any]:
         """One attempt of a translating chain (module docstring). A translator's bug fails the attempt (the gRPC
         stream errors; Envoy applies the filter's failure mode), logged without the request's content."""
         try:
-            async for response in self._translate_attempt(request_iterator, chain):
+            async for response in self._translate_attempt(request_iterator, chain, hold=hold):
                 yield response
         except Exception as exc:
             frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
@@ -252,7 +285,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             )
             raise
 
-    async def _translate_attempt(self, request_iterator: AsyncIterator[Any], chain: str) -> AsyncIterator[Any]:
+    async def _translate_attempt(
+        self, request_iterator: AsyncIterator[Any], chain: str, *, hold: bool
+    ) -> AsyncIterator[Any]:
         plan: Plan | None = None
         client_body = b""
         translating = False
@@ -272,8 +307,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 )
                 yield pb.ProcessingResponse(
                     request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)),
-                    # An attempt in the client's own schema has nothing to translate back: its answer skips us.
-                    mode_override=None if plan.translator is not None else _REQUEST_ONLY,
+                    # An attempt in the client's own schema has nothing to translate back: its answer skips us
+                    # (unless its headers are held for a hedge: ext_proc/hold.py).
+                    mode_override=None if plan.translator is not None or hold else _REQUEST_ONLY,
                 )
             elif kind == "request_body":
                 client_body = message.request_body.body

@@ -38,6 +38,8 @@ providers:
   openai-o: {schema: openai, endpoints: [{url: "https://o.openai.example", region: us-east}], outlier: {ejection: 1s}}
   anthropic-o: {schema: anthropic, endpoints: [{url: "https://o.anthropic.example"}]}
   solo-backup: {schema: openai, endpoints: [{url: "http://solo-backup:8000", region: us-east}]}
+  openai-h: {schema: openai, endpoints: [{url: "https://h.openai.example", region: us-east}]}
+  anthropic-h: {schema: anthropic, endpoints: [{url: "https://h.anthropic.example"}]}
 models:
   gpt-4o: {provider: openai, failover: [claude-sonnet, llama3]}
   claude-sonnet: {provider: anthropic, upstream_name: claude-sonnet-4-5}
@@ -48,15 +50,19 @@ models:
   outage-gpt: {provider: openai-o, failover: [outage-claude, llama3]}
   outage-claude: {provider: anthropic-o}
   plain-backup: {provider: solo-backup}
+  hedged-gpt: {provider: openai-h, failover: [hedged-claude], hedge: {after: 200ms}}
+  hedged-claude: {provider: anthropic-h, upstream_name: claude-h}
 tenants:
   team:   # key sk-test-team
     keys: ["sha256:d414d7154af989b8f8a7e6859d3a1daae71905faa1a75109bc366c299bb81109"]
-    models: [gpt-4o, claude-main, plain, outage-gpt]
+    models: [gpt-4o, claude-main, plain, outage-gpt, hedged-gpt]
 """
 KEYS = {
     "MESHGEN_KEY_OPENAI": "sk-openai-lab",
     "MESHGEN_KEY_ANTHROPIC": "sk-ant-lab",
     "MESHGEN_KEY_GPT_SECOND": "sk-gpt2",
+    "MESHGEN_KEY_OPENAI_H": "sk-openai-h",
+    "MESHGEN_KEY_ANTHROPIC_H": "sk-ant-h",
 }
 OPENAI = "provider.openai.*"
 ANTHROPIC = "provider.anthropic.*"
@@ -343,3 +349,36 @@ def test_a_request_anthropic_cannot_take_gets_a_400_in_openai_shape(lab: Running
     error = reply.json()["error"]
     assert error["code"] == "translation_failed" and "anthropic" in error["message"]
     assert lab.upstream.count(ANTHROPIC) == 0  # never sent what the provider cannot read
+
+
+@pytest.mark.parametrize("ttft_ms", [1500, 30])
+def test_a_hedged_stream_across_schemas_is_won_by_the_first_token(lab: Running, ttft_ms: int) -> None:
+    """The openai primary's first token comes after 1.5 s: the hedge after 200 ms goes to anthropic, translated,
+    and wins. When it comes at once, the primary serves and no hedge is sent."""
+    lab.upstream.clear()
+    start = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
+    body = json.dumps(chat("hedged-gpt", stream=True)).encode()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TEAM_KEY}"}
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=body,
+        headers={**headers, "x-mock": f"ttft_ms={ttft_ms}@provider.openai-h.*"},
+    )
+    response = conn.getresponse()
+    first = response.read(1)
+    first_byte_s = time.monotonic() - start
+    answer = first + response.read()
+    conn.close()
+    served = response.getheader("x-meshgen-served-by")
+    assert response.status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in answer.decode().split("\n") if line.startswith("data: {")]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks), "OpenAI's format whoever served"
+    if ttft_ms > 1000:
+        assert served == "anthropic-h" and first_byte_s < 1.0
+        [sent] = lab.upstream.requests("provider.anthropic-h.*")
+        assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == "sk-ant-h"
+    else:
+        assert served == "openai-h"
+        assert lab.upstream.count("provider.anthropic-h.*") == 0

@@ -7,8 +7,8 @@ from typing import Any
 from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import ALS_CLUSTER
 from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
-from meshgen.render.envoy.filters.ext_proc import translate_filters
-from meshgen.render.envoy.routes import chain_cluster
+from meshgen.render.envoy.filters.ext_proc import hold_filters, translate_filters
+from meshgen.render.envoy.routes import chain_cluster, hedged_stream_chains, stream_chain_cluster
 from meshgen.render.envoy.target import Address, Placement
 from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
 from meshgen.render.extproc_config import translated_chains
@@ -152,42 +152,58 @@ def provider_clusters(place: Placement, c: ir.ProviderCluster, *, ring_hash: boo
     ]
 
 
-def _translating(gw: ir.Gateway, model: str) -> dict[str, Any]:
-    """The upstream ext_proc on a chain that crosses schemas (filters/ext_proc.py)."""
-    options = {
-        "@type": HTTP_OPTIONS,
-        "explicit_http_config": {"http_protocol_options": {}},
-        "http_filters": translate_filters(model, fail_open=gw.service.failure_mode == "open"),
-    }
+def _upstream_filters(filters: list[dict[str, Any]]) -> dict[str, Any]:
+    options = {"@type": HTTP_OPTIONS, "explicit_http_config": {"http_protocol_options": {}}, "http_filters": filters}
     return {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}}
+
+
+def _aggregate(
+    name: str, chain: tuple[str, ...], max_retries: int, filters: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "alt_stat_name": stat_name(name),
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {"@type": f"{API}.extensions.clusters.aggregate.v3.ClusterConfig", "clusters": list(chain)},
+        },
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": max_retries}]},
+        **(_upstream_filters(filters) if filters else {}),
+    }
 
 
 def chain_clusters(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     """`model.<m>.chain`: an aggregate whose priorities are the failover order (ENVOY-FACTS §1); one that crosses
-    schemas translates each attempt in its upstream ext_proc."""
+    schemas translates each attempt in its upstream ext_proc. A chain a hedged route sends streams to has a twin,
+    `model.<m>.chain.stream`, whose upstream ext_proc holds each attempt's headers until its first token."""
     clusters = []
     translating = translated_chains(gw)
+    twins = hedged_stream_chains(gw)
+    fail_open = gw.service.failure_mode == "open"
     for model, chain in region.chains:
         # Hedges and retries are counted on the route's target, this aggregate (default 3): give it what its
         # providers allow between them, so none is silently dropped.
         max_retries = sum(gw.cluster(c).breakers.max_retries for c in chain)
+
+        translates = model in translating
         clusters.append(
-            {
-                "name": chain_cluster(model),
-                "alt_stat_name": stat_name(chain_cluster(model)),
-                "connect_timeout": "1s",
-                "lb_policy": "CLUSTER_PROVIDED",
-                "cluster_type": {
-                    "name": "envoy.clusters.aggregate",
-                    "typed_config": {
-                        "@type": f"{API}.extensions.clusters.aggregate.v3.ClusterConfig",
-                        "clusters": list(chain),
-                    },
-                },
-                "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": max_retries}]},
-                **(_translating(gw, model) if model in translating else {}),
-            }
+            _aggregate(
+                chain_cluster(model),
+                chain,
+                max_retries,
+                translate_filters(model, fail_open=fail_open) if translates else None,
+            )
         )
+        if model in twins:
+            hold_ms = gw.model(model).timeout_ms
+            filters = (
+                translate_filters(model, fail_open=fail_open, hold_ms=hold_ms)
+                if translates
+                else hold_filters(model, hold_ms=hold_ms)
+            )
+            clusters.append(_aggregate(stream_chain_cluster(model), chain, max_retries, filters))
     return clusters
 
 

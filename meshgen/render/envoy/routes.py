@@ -27,8 +27,27 @@ UNKNOWN_MODEL_BODY = openai_error(
 )
 
 
+_STREAM_TWIN = ".stream"
+
+
 def chain_cluster(model: str) -> str:
     return f"model.{model}.chain"
+
+
+def stream_chain_cluster(model: str) -> str:
+    """The chain's twin for the streams of hedged routes: its upstream ext_proc holds each attempt's headers until
+    its first token, so Envoy hedges on time to first token (ext_proc/hold.py)."""
+    return chain_cluster(model) + _STREAM_TWIN
+
+
+def hedged_stream_chains(gw: ir.Gateway) -> set[str]:
+    """The models whose chain has a stream twin: every chain a hedged model's route may send to."""
+    return {
+        name
+        for m in gw.models
+        if m.hedge
+        for name in (m.name, *((m.canary.model,) if m.canary and m.canary.weight > 0 else ()))
+    }
 
 
 def _body_model_is(model: str) -> dict[str, Any]:
@@ -122,15 +141,26 @@ def _with_stream(route: dict[str, Any], schema: ext_proc.Schema, *, rewrite: boo
     """`route` preceded by its streaming twin (body `stream: true`): the same action with ext_proc counting the SSE
     usage (and rewriting the body on a re-route, which then also needs the plain route's rewrite)."""
     match = route["match"]
+    action = route["route"]
+    if "hedge_policy" in action:
+        action = _to_stream_chains(action)
     stream = {
         "name": f"{route['name']}.stream",
         "match": match | {"dynamic_metadata": [*match.get("dynamic_metadata", ()), _IS_STREAM]},
-        "route": route["route"],
+        "route": action,
         "typed_per_filter_config": ext_proc.on(schema, count=True, rewrite=rewrite),
     }
     if rewrite:
         route = route | {"typed_per_filter_config": ext_proc.on(schema, count=False, rewrite=True)}
     return [stream, route]
+
+
+def _to_stream_chains(action: dict[str, Any]) -> dict[str, Any]:
+    """A hedged route's action with each chain replaced by its stream twin (:func:`stream_chain_cluster`)."""
+    if "weighted_clusters" in action:
+        clusters = [c | {"name": c["name"] + _STREAM_TWIN} for c in action["weighted_clusters"]["clusters"]]
+        return action | {"weighted_clusters": {"clusters": clusters}}
+    return action | {"cluster": action["cluster"] + _STREAM_TWIN}
 
 
 def build_routes(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:

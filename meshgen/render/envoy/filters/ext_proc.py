@@ -22,10 +22,10 @@ route as re-selected; tests/behaviour/test_streaming.py shows streams opened onl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from meshgen.render.envoy.access_log import ALS_CLUSTER
-from meshgen.render.envoy.types import API, filter_
+from meshgen.render.envoy.types import API, duration, filter_
 
 NAME = "envoy.filters.http.ext_proc"
 PER_ROUTE = f"{API}.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
@@ -33,7 +33,10 @@ MESSAGE_TIMEOUT = "0.3s"
 JOBS_KEY = "x-meshgen-jobs"
 SCHEMA_KEY = "x-meshgen-schema"
 CHAIN_KEY = "x-meshgen-chain"
+HOLD_KEY = "x-meshgen-hold-ms"
 TRANSLATE_NAME = "meshgen.translate"
+HOLD_NAME = "meshgen.hold"
+EXT_PROC = f"{API}.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 TRANSLATE_TIMEOUT = "1s"
 """One message's bound: a whole request or JSON answer is translated at once (large prompts take longer)."""
 
@@ -81,40 +84,77 @@ def on(schema: Schema, *, count: bool, rewrite: bool) -> dict[str, Any]:
     return {NAME: {"@type": PER_ROUTE, "overrides": overrides}}
 
 
-def translate_filters(model: str, *, fail_open: bool) -> list[dict[str, Any]]:
+def translate_filters(model: str, *, fail_open: bool, hold_ms: int | None = None) -> list[dict[str, Any]]:
     """The upstream filter chain of a translating `model.<m>.chain`: ext_proc (per attempt: path, auth, body and
     content-length for the attempt's provider; the answer back in the client's schema), then the codec.
 
     `fail_open` is the service's failure mode: with the service down, open sends each attempt on untranslated (an
-    attempt to a provider of the client's schema still succeeds), closed fails it."""
-    return [
-        filter_(
-            TRANSLATE_NAME,
-            f"{API}.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            {
-                "grpc_service": {
-                    "envoy_grpc": {"cluster_name": ALS_CLUSTER},
-                    "initial_metadata": [{"key": JOBS_KEY, "value": "translate"}, {"key": CHAIN_KEY, "value": model}],
-                },
-                "failure_mode_allow": fail_open,
-                "message_timeout": TRANSLATE_TIMEOUT,
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "request_body_mode": "BUFFERED",
-                    "response_header_mode": "SEND",
-                    "response_body_mode": "STREAMED",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
-                },
-                "request_attributes": ["xds.upstream_host_metadata"],
-                # An attempt in the client's own schema answers its headers with response modes SKIP/NONE.
-                "allow_mode_override": True,
-                "mutation_rules": {"allow_all_routing": True},
-            },
-        ),
-        filter_(
-            "envoy.filters.http.upstream_codec",
-            f"{API}.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
-            {},
-        ),
-    ]
+    attempt to a provider of the client's schema still succeeds), closed fails it.
+
+    `hold_ms` (the stream twin of a hedged chain, routes.stream_chain_cluster): the filter also holds each
+    attempt's response headers until its first token, for at most that long (ext_proc/hold.py)."""
+    config: dict[str, Any] = {
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": ALS_CLUSTER},
+            "initial_metadata": [
+                {"key": JOBS_KEY, "value": "translate" if hold_ms is None else "translate,hold"},
+                {"key": CHAIN_KEY, "value": model},
+                *([] if hold_ms is None else [{"key": HOLD_KEY, "value": str(hold_ms)}]),
+            ],
+        },
+        "failure_mode_allow": fail_open,
+        "message_timeout": TRANSLATE_TIMEOUT,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "request_attributes": ["xds.upstream_host_metadata"],
+        # An attempt in the client's own schema answers its headers with response modes SKIP/NONE.
+        "allow_mode_override": True,
+        "mutation_rules": {"allow_all_routing": True},
+    }
+    return [filter_(TRANSLATE_NAME, EXT_PROC, config | _holding(hold_ms)), _UPSTREAM_CODEC]
+
+
+def hold_filters(model: str, *, hold_ms: int) -> list[dict[str, Any]]:
+    """The upstream filter chain of the stream twin of a hedged chain that does not translate: ext_proc holding
+    each attempt's response headers until its first token (then it leaves the stream), then the codec. Fails
+    open: with the service down a stream is still served, hedged on its headers only."""
+    config = {
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": ALS_CLUSTER},
+            "initial_metadata": [
+                {"key": JOBS_KEY, "value": "hold"},
+                {"key": CHAIN_KEY, "value": model},
+                {"key": HOLD_KEY, "value": str(hold_ms)},
+            ],
+        },
+        "failure_mode_allow": True,
+        "message_timeout": MESSAGE_TIMEOUT,
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "request_body_mode": "NONE",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+    }
+    return [filter_(HOLD_NAME, EXT_PROC, config | _holding(hold_ms)), _UPSTREAM_CODEC]
+
+
+def _holding(hold_ms: int | None) -> dict[str, Any]:
+    """What holding needs: the body sent on while the headers' reply waits (else Envoy waits for the reply
+    first: a deadlock, measured), and room for the service to extend its message timeout over the hold."""
+    if hold_ms is None:
+        return {}
+    return {"send_body_without_waiting_for_header_response": True, "max_message_timeout": duration(hold_ms)}
+
+
+_UPSTREAM_CODEC: Final = filter_(
+    "envoy.filters.http.upstream_codec", f"{API}.extensions.filters.http.upstream_codec.v3.UpstreamCodec", {}
+)

@@ -1,0 +1,67 @@
+"""Hedging streams on time to first token, through the real Envoy and service: the stream twin of a hedged chain
+holds each attempt's headers until its first token (ext_proc/hold.py), so a provider that answers its headers at
+once and its first token late is hedged like one whose headers are late. hedge-model: slowpoke, then backup,
+hedged after 200 ms."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import NamedTuple
+
+from tests.behaviour.conftest import Running, chat
+from tests.behaviour.test_streaming import events
+
+SLOWPOKE = "provider.slowpoke.us-east.ep0"
+BACKUP = "provider.backup.us-east.ep0"
+HEDGES = "cluster.model_hedge-model_chain_stream.upstream_rq_retry"
+HOLDS = "cluster.model_hedge-model_chain_stream.ext_proc.streams_started"
+
+
+class Timed(NamedTuple):
+    status: int
+    served_by: str
+    first_byte_s: float
+    body: bytes
+
+
+def timed_stream(lab: Running, mock: str) -> Timed:
+    conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
+    headers = {"content-type": "application/json", "authorization": "Bearer sk-test-team", "x-mock": mock}
+    try:
+        start = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("hedge-model", stream=True)), headers=headers)
+        response = conn.getresponse()
+        first = response.read(1)
+        first_byte_s = time.monotonic() - start
+        return Timed(response.status, response.getheader("x-served-by", ""), first_byte_s, first + response.read())
+    finally:
+        conn.close()
+
+
+def test_a_stream_whose_first_token_is_late_is_hedged_to_the_next_provider(lab: Running) -> None:
+    hedges = lab.envoy.stats("cluster.model_hedge").get(HEDGES, 0)
+    reply = timed_stream(lab, f"ttft_ms=1500@{SLOWPOKE}")
+    assert (reply.status, reply.served_by) == (200, BACKUP)
+    assert reply.first_byte_s < 1.0, "the hedge's first token came, not the primary's 1.5 s one"
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events(reply.body)).startswith("mock reply")
+    assert lab.upstream.count(SLOWPOKE) == 1 and lab.upstream.count(BACKUP) == 1
+    lab.envoy.wait_stat(HEDGES, hedges + 1)
+
+
+def test_a_stream_whose_first_token_is_early_is_served_whole_by_the_primary(lab: Running) -> None:
+    holds = lab.envoy.stats("cluster.model_hedge").get(HOLDS, 0)
+    reply = timed_stream(lab, f"ttft_ms=50;chunk_delay_ms=20@{SLOWPOKE}")
+    assert (reply.status, reply.served_by) == (200, SLOWPOKE)
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    assert lab.upstream.count(BACKUP) == 0
+    assert lab.envoy.stats("cluster.model_hedge")[HOLDS] == holds + 1  # the hold ran, and let it by
+
+
+def test_a_json_request_is_hedged_on_its_headers_without_a_hold(lab: Running) -> None:
+    holds = lab.envoy.stats("cluster.model_hedge").get(HOLDS, 0)
+    reply = lab.post(chat("hedge-model"), headers={"x-mock": f"delay_ms=1500@{SLOWPOKE}"})
+    assert (reply.status, reply.headers["x-served-by"]) == (200, BACKUP)
+    assert lab.envoy.stats("cluster.model_hedge").get(HOLDS, 0) == holds
