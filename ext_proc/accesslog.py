@@ -49,6 +49,7 @@ RESERVATION_KEY: Final = "x-meshgen-reservation"
 TENANT_KEY: Final = "x-meshgen-tenant"
 REQUEST_NAMESPACE: Final = "meshgen.req"
 RESPONSE_NAMESPACE: Final = "meshgen.resp"
+SERVED_BY_HEADER: Final = "x-meshgen-served-by"
 
 # (input, output) key pairs in meshgen.resp, first present wins.
 _USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
@@ -73,6 +74,10 @@ class UsageRecord:
     and the reservation should be settled some other way (released, or by the streaming path)."""
     estimated: bool = False
     """Counted by us (a stream cut before its usage, with the tokenizer), not reported by the provider."""
+    attempts: int = 1
+    """Upstream attempts Envoy made (retries and hedges included)."""
+    served_by: str | None = None
+    """The provider that answered (``x-meshgen-served-by``)."""
 
 
 OnUsage = Callable[[UsageRecord], Awaitable[object]]
@@ -130,6 +135,8 @@ def usage_from_entry(entry: Any) -> UsageRecord | None:
         output_tokens,
         int(status),
         has_usage,
+        attempts=max(1, int(entry.common_properties.upstream_request_attempt_count)),
+        served_by=response.response_headers.get(SERVED_BY_HEADER) or None,
     )
 
 

@@ -56,6 +56,8 @@ class ModelConfig(_Frozen):
     downgrade: ModelName | None = None
     max_tokens_default: int = Field(ge=1)
     price: Price | None = None
+    hedged: bool = False
+    """Its route hedges: an answer from a later attempt on another provider is a hedge won (metrics)."""
 
 
 class ProviderConfig(_Frozen):

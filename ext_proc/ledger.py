@@ -255,6 +255,15 @@ class Ledger:
             return _NOTHING, 0, 0
         return None
 
+    def _count_hedge(self, usage: UsageRecord) -> None:
+        """A hedged model's answer from a later attempt on another provider: a hedge won (or, indistinguishably in
+        the access log, a failover after the first attempt failed)."""
+        if usage.attempts < 2 or not usage.served_by or not 0 < usage.status < 400:
+            return
+        spec = self._config.models.get(usage.request_model or "")
+        if spec is not None and spec.hedged and usage.served_by != spec.provider:
+            self.metrics.hedge_wins.labels(usage.request_model, usage.served_by).inc()
+
     async def settle(self, usage: UsageRecord) -> Settled | None:
         """The count replaces the reservation, priced as the model that served it: exact from the provider, or
         estimated (a cut stream counted with the tokenizer; never replaces an exact count). A failed request the
@@ -274,6 +283,7 @@ class Ledger:
         to_store: list[int] = []
         items: list[SettleItem] = []
         for i, usage in enumerate(usages):
+            self._count_hedge(usage)
             priced = self._priced(usage)
             if priced is None:
                 continue

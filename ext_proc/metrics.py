@@ -74,6 +74,13 @@ class Metrics:
         self.downgrades = Counter(
             "meshgen_downgrades", "Requests re-routed to the downgrade model.", ["tenant", "model"], registry=r
         )
+        self.hedge_wins = Counter(
+            "meshgen_hedge_wins",
+            "Requests of a hedged model answered by a later attempt on another provider than the model's own, "
+            "by the provider that answered (the hedges sent: Envoy's upstream_rq_retry on the hedged chain).",
+            ["model", "provider"],
+            registry=r,
+        )
         self.queue_depth = Gauge("meshgen_queue_depth", "Non-critical requests held.", ["tenant"], registry=r)
         self.queue_wait = Histogram(
             "meshgen_queue_wait_seconds", "Time held requests waited.", ["tenant"], buckets=_WAIT_BUCKETS, registry=r

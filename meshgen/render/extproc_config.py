@@ -48,6 +48,7 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
                 }
                 if m.price_input_per_mtok is not None
                 else None,
+                "hedged": m.hedge is not None,
             }
             for m in gw.models
         },

@@ -175,6 +175,8 @@ def test_openai_usage_reaches_the_service(stack: Stack) -> None:
         output_tokens=body["usage"]["completion_tokens"],
         status=200,
         has_usage=True,
+        attempts=1,
+        served_by="retrier",  # the route's x-meshgen-served-by, logged with the response
     )
     assert (record.input_tokens, record.output_tokens) == (7, 3)
 
@@ -193,6 +195,7 @@ def test_anthropic_usage_reaches_the_service(stack: Stack) -> None:
         output_tokens=body["usage"]["output_tokens"],
         status=200,
         has_usage=True,
+        served_by="claude",
     )
     assert (record.input_tokens, record.output_tokens) == (7, 3)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshgen.render.envoy.types import API, AUTHZ_META_NS, RESERVATION_HEADER
+from meshgen.render.envoy.types import API, AUTHZ_META_NS, RESERVATION_HEADER, SERVED_BY_HEADER
 
 ALS_CLUSTER = "meshgen.service.grpc"
 LOG_NAME = "meshgen.usage"
@@ -53,5 +53,7 @@ def usage_access_log() -> dict[str, Any]:
                 "buffer_flush_interval": FLUSH_INTERVAL,
                 "buffer_size_bytes": BUFFER_BYTES,
             },
+            # Which provider answered (the route sets it from the endpoint's metadata): hedges won are counted.
+            "additional_response_headers_to_log": [SERVED_BY_HEADER],
         },
     }

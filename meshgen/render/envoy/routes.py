@@ -14,6 +14,7 @@ from meshgen.render.envoy.types import (
     MIRROR_HEADER,
     RESERVATION_HEADER,
     ROUTE_HEADER,
+    SERVED_BY_HEADER,
     TENANT_HEADER,
     duration,
     openai_error,
@@ -21,7 +22,6 @@ from meshgen.render.envoy.types import (
 )
 
 RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
-SERVED_BY_HEADER = "x-meshgen-served-by"
 UNKNOWN_MODEL_BODY = openai_error(
     "The model does not exist or this gateway does not serve it.", "invalid_request_error", "model_not_found"
 )

@@ -24,6 +24,7 @@ RESERVATION_HEADER = "x-meshgen-reservation"
 """The reservation the data-plane service made at admission; the usage in the access log settles it."""
 DOWNGRADED_HEADER = "x-meshgen-downgraded-from"
 """The model the client asked for, on a response the service downgraded (to the client)."""
+SERVED_BY_HEADER = "x-meshgen-served-by"
 MIRROR_HEADER = "x-meshgen-mirror"
 """Marks the shadow leg so it is never billed."""
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
