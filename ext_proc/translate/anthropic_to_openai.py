@@ -22,6 +22,7 @@ from ext_proc.translate.common import (
     obj,
     parse_data,
     sse_event,
+    text_of,
 )
 
 __all__ = ["PATH", "Stream", "request", "response", "stream"]
@@ -44,18 +45,6 @@ _ERROR_TYPES: Final = {
 
 
 # ---- request ------------------------------------------------------------------------------------------------
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            b["text"]
-            for b in content
-            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
-        )
-    return ""
 
 
 def _part(block: dict[str, Any]) -> dict[str, Any] | None:
@@ -88,7 +77,7 @@ def _messages(message: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         if block.get("type") == "tool_result":  # each result is a message of its own, before the user's text
             result = block.get("content")
-            out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")), "content": _text(result)})
+            out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")), "content": text_of(result)})
         elif block.get("type") == "tool_use":
             calls.append(
                 {
@@ -142,7 +131,7 @@ def request(body: bytes, *, model: str, max_tokens: int) -> bytes:
     if not isinstance(messages, list) or not messages:
         raise TranslationError("the request has no messages")
     out_messages: list[dict[str, Any]] = []
-    system = _text(req.get("system"))
+    system = text_of(req.get("system"))
     if system:
         out_messages.append({"role": "system", "content": system})
     for message in messages:

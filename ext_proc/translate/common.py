@@ -9,6 +9,7 @@ from typing import Any, Final
 from ext_proc.sse import event_data, event_end
 
 __all__ = [
+    "text_of",
     "DONE",
     "SseReader",
     "TranslationError",
@@ -98,3 +99,16 @@ def index_of(item: dict[str, Any]) -> int:
     """An event's or tool call's ``index`` (0 when missing or not a whole number)."""
     value = item.get("index")
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def text_of(content: Any) -> str:
+    """A message's content as plain text: a string, or the text parts of a list (both schemas' shape)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        )
+    return ""

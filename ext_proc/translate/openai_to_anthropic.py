@@ -23,6 +23,7 @@ from ext_proc.translate.common import (
     obj,
     parse_data,
     sse_event,
+    text_of,
 )
 
 __all__ = ["PATH", "Stream", "request", "response", "stream"]
@@ -50,19 +51,6 @@ _ERROR_TYPES: Final = {
 
 
 # ---- request ------------------------------------------------------------------------------------------------
-
-
-def _text(content: Any) -> str:
-    """A message's content as plain text (string, or the text parts of a list)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p["text"]
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        )
-    return ""
 
 
 def _image(url: str) -> dict[str, Any]:
@@ -106,7 +94,7 @@ def _message(message: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         result: dict[str, Any] = {
             "type": "tool_result",
             "tool_use_id": str(message.get("tool_call_id", "")),
-            "content": _text(message.get("content")),
+            "content": text_of(message.get("content")),
         }
         return "user", [result]
     if role == "assistant":
@@ -165,7 +153,7 @@ def request(body: bytes, *, model: str, max_tokens: int) -> bytes:
         if not isinstance(message, dict):
             raise TranslationError("a message is not a JSON object")
         if message.get("role") in ("system", "developer"):
-            system.append(_text(message.get("content")))
+            system.append(text_of(message.get("content")))
             continue
         role, blocks = _message(message)
         if not blocks:

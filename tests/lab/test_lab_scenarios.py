@@ -17,8 +17,8 @@ import pytest
 
 from meshgen.compile import compile_gateway
 from meshgen.lab.providers.client import MockAdmin
-from tests.lab.test_lab_demo import POLICY, free_base
-from tests.lab.test_lab_supervised import RunningLab
+from tests.lab.test_lab_demo import POLICY
+from tests.lab.test_lab_supervised import RunningLab, lab_policy
 from tests.support import require_binary
 
 HEDGE_AFTER_S = 2.0  # gpt-4o's hedge.after in policies/lab.yaml
@@ -31,13 +31,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningLab]:
     hedged openai → anthropic → ollama chain)."""
     require_binary("envoy")
     tmp = tmp_path_factory.mktemp("scenarios")
-    count = len(compile_gateway(POLICY).ports.by_name)
-    text, n = re.subn(r"(?m)^(\s+base_port:\s*)\d+", rf"\g<1>{free_base(count)}", POLICY.read_text())
-    assert n == 1
-    text, n = re.subn(r"(canary: \{model: gpt-4o-beta, weight: )\d+", r"\g<1>0", text)
-    assert n == 1, "policies/lab.yaml's gpt-4o canary should be on one line"
-    (tmp / "lab.yaml").write_text(text)
-    running = RunningLab(tmp / "lab.yaml", tmp / "generated", tmp / "run")
+    policy = lab_policy(tmp, (r"(canary: \{model: gpt-4o-beta, weight: )\d+", r"\g<1>0"))
+    running = RunningLab(policy, tmp / "generated", tmp / "run")
     code, out = running.up()
     assert code == 0, out
     yield running

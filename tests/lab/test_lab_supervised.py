@@ -91,18 +91,24 @@ class RunningLab:
             time.sleep(0.1)
 
 
+def lab_policy(tmp: Path, *edits: tuple[str, str]) -> Path:
+    """policies/lab.yaml on free ports, with each (pattern, replacement) applied once, written into ``tmp``."""
+    count = len(compile_gateway(POLICY).ports.by_name)
+    text = POLICY.read_text()
+    for pattern, replacement in ((r"(?m)^(\s+base_port:\s*)\d+", rf"\g<1>{free_base(count)}"), *edits):
+        text, n = re.subn(pattern, replacement, text)
+        assert n == 1, f"policies/lab.yaml should match {pattern!r} once"
+    policy = tmp / "lab.yaml"
+    policy.write_text(text)
+    return policy
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningLab]:
     """policies/lab.yaml on free ports, with `openai-errors` at 100 % (so switching it on fails every attempt)."""
     require_binary("envoy")
     tmp = tmp_path_factory.mktemp("lab")
-    count = len(compile_gateway(POLICY).ports.by_name)
-    text, n = re.subn(r"(?m)^(\s+base_port:\s*)\d+", rf"\g<1>{free_base(count)}", POLICY.read_text())
-    assert n == 1
-    text, n = re.subn(r"(?m)^(\s+openai-errors:.*percent:\s*)\d+", r"\g<1>100", text)
-    assert n == 1, "policies/lab.yaml should define the openai-errors fault on one line"
-    policy = tmp / "lab.yaml"
-    policy.write_text(text)
+    policy = lab_policy(tmp, (r"(?m)^(\s+openai-errors:.*percent:\s*)\d+", r"\g<1>100"))
     running = RunningLab(policy, tmp / "generated", tmp / "run")
     yield running
     running.cli("lab", "down")
