@@ -4,10 +4,14 @@ The gateway's ``envoy.access_loggers.http_grpc`` logger (log name ``meshgen.usag
 ``HTTPAccessLogEntry`` here over one long-lived gRPC stream per Envoy worker, flushed every 0.5 s: no gRPC call
 per request. Each entry's ``common_properties.metadata`` carries what this service needs, never a body or a key:
 
-- ``envoy.filters.http.ext_authz``: ``x-meshgen-reservation``, ``x-meshgen-tenant`` (this service's admission answer);
+- ``envoy.filters.http.ext_authz``: ``x-meshgen-reservation``, ``x-meshgen-tenant`` (this service's admission answer),
+  ``x-meshgen-downgraded-from`` and ``x-meshgen-queued-ms`` when admission downgraded or held the request;
 - ``meshgen.req``: ``model`` (the request body's model);
 - ``meshgen.resp``: ``prompt_tokens``/``completion_tokens`` (OpenAI) or ``input_tokens``/``output_tokens``
   (Anthropic), ``model`` (the model that served), lifted from a JSON response body by ``json_to_metadata``.
+
+With tracing on, the entry's request headers carry ``traceparent`` (the gateway's span); its start and duration
+time the service's span for the request (:mod:`ext_proc.tracing`).
 
 Every entry with a reservation becomes one :class:`UsageRecord`; entries without one are ignored. The records of
 one message go, in order, to the injected ``on_usages`` callback in one call (the ledger settles them in one
@@ -50,6 +54,9 @@ TENANT_KEY: Final = "x-meshgen-tenant"
 REQUEST_NAMESPACE: Final = "meshgen.req"
 RESPONSE_NAMESPACE: Final = "meshgen.resp"
 SERVED_BY_HEADER: Final = "x-meshgen-served-by"
+DOWNGRADED_KEY: Final = "x-meshgen-downgraded-from"
+QUEUED_KEY: Final = "x-meshgen-queued-ms"
+TRACE_HEADER: Final = "traceparent"
 
 # (input, output) key pairs in meshgen.resp, first present wins.
 _USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
@@ -78,6 +85,18 @@ class UsageRecord:
     """Upstream attempts Envoy made (retries and hedges included)."""
     served_by: str | None = None
     """The provider that answered (``x-meshgen-served-by``)."""
+    request_id: str | None = None
+    """Envoy's ``x-request-id``."""
+    traceparent: str | None = None
+    """The gateway's span (W3C ``traceparent``), logged only when tracing is on."""
+    downgraded_from: str | None = None
+    """The model asked for, when admission downgraded the request (``x-meshgen-downgraded-from``)."""
+    queued_ms: int | None = None
+    """How long admission held the request in the non-critical queue (``x-meshgen-queued-ms``)."""
+    start_ns: int | None = None
+    """When Envoy received the request (Unix time, ns)."""
+    duration_ns: int | None = None
+    """Until the last byte went to the client."""
 
 
 OnUsage = Callable[[UsageRecord], Awaitable[object]]
@@ -126,6 +145,8 @@ def usage_from_entry(entry: Any) -> UsageRecord | None:
                 break
     response = entry.response
     status = response.response_code.value if response.HasField("response_code") else 0
+    common = entry.common_properties
+    queued = _string(authz, QUEUED_KEY)
     return UsageRecord(
         reservation,
         _string(authz, TENANT_KEY),
@@ -135,9 +156,22 @@ def usage_from_entry(entry: Any) -> UsageRecord | None:
         output_tokens,
         int(status),
         has_usage,
-        attempts=max(1, int(entry.common_properties.upstream_request_attempt_count)),
+        attempts=max(1, int(common.upstream_request_attempt_count)),
         served_by=response.response_headers.get(SERVED_BY_HEADER) or None,
+        request_id=entry.request.request_id or None,
+        traceparent=entry.request.request_headers.get(TRACE_HEADER) or None,
+        downgraded_from=_string(authz, DOWNGRADED_KEY),
+        queued_ms=int(queued) if queued is not None and queued.isdigit() else None,
+        start_ns=common.start_time.ToNanoseconds() if common.HasField("start_time") else None,
+        duration_ns=_duration_ns(common),
     )
+
+
+def _duration_ns(common: Any) -> int | None:
+    for field in ("duration", "time_to_last_downstream_tx_byte"):
+        if common.HasField(field):
+            return int(getattr(common, field).ToNanoseconds())
+    return None
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

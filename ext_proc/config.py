@@ -25,6 +25,7 @@ __all__ = [
     "ProviderConfig",
     "ServiceConfig",
     "TenantConfig",
+    "TracingConfig",
     "load_config",
 ]
 
@@ -95,6 +96,14 @@ class TenantConfig(_Frozen):
     non_critical: NonCritical | None = None
 
 
+class TracingConfig(_Frozen):
+    """Spans of the service (one per request, ``gen_ai.*`` attributes, never content) over OTLP/gRPC."""
+
+    otlp_endpoint: Annotated[str, StringConstraints(pattern=r"^http://[^/\s]+$")]
+    """``http://host:port`` of an OTLP/gRPC collector (plain HTTP/2)."""
+    service_name: str = Field("meshgen-service", min_length=1)
+
+
 class ServiceConfig(_Frozen):
     schema_version: Literal[1]
     generated_by: str | None = None
@@ -122,6 +131,9 @@ class ServiceConfig(_Frozen):
     """Chains that cross schemas: model → {provider → the chain's model that provider serves}. The upstream
     ext_proc on `model.<m>.chain` learns each attempt's provider from the chosen endpoint's metadata and sends it
     that model's ``upstream_name`` in that provider's schema."""
+
+    tracing: TracingConfig | None = None
+    """None: no spans, and nothing on the request path looks for a trace context."""
 
     @model_validator(mode="after")
     def _check_references(self) -> ServiceConfig:

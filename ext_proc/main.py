@@ -14,18 +14,21 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 
 import grpc
 
 from ext_proc import tokens
-from ext_proc.accesslog import UsageRecord, serve_grpc
+from ext_proc.accesslog import OnUsage, OnUsages, UsageRecord, serve_grpc
 from ext_proc.config import ConfigError, ServiceConfig, load_config
 from ext_proc.ledger import Ledger
 from ext_proc.processor import ExternalProcessor, Settle
+from ext_proc.requestlog import RequestLog
 from ext_proc.server import Server
 from ext_proc.store.base import Store
 from ext_proc.store.redis import RedisStore
 from ext_proc.store.sqlite import SqliteStore
+from ext_proc.tracing import Tracer
 
 __all__ = ["main"]
 
@@ -120,12 +123,15 @@ async def _reconcile(ledger: Ledger, logger: logging.Logger, every_s: float = RE
             logger.error(json.dumps({"event": "reconcile_failed", "error": type(exc).__name__}))
 
 
-def stream_settle(ledger: Ledger) -> Settle:
-    """The streaming path's settle → :meth:`Ledger.settle`; a cut stream's tokenizer count is marked estimated."""
+def stream_settle(ledger: Ledger, requests: RequestLog | None = None) -> Settle:
+    """The streaming path's settle → :meth:`Ledger.settle`; a cut stream's tokenizer count is marked estimated.
+    The counts also wait in ``requests`` for the request's access-log entry (its log line)."""
 
     async def settle(
         reservation: str, served_model: str | None, input_tokens: int, output_tokens: int, estimated: bool
     ) -> object:
+        if requests is not None:
+            requests.stream_settled(reservation, served_model, input_tokens, output_tokens, estimated)
         usage = UsageRecord(
             reservation=reservation,
             tenant=None,
@@ -142,25 +148,44 @@ def stream_settle(ledger: Ledger) -> Settle:
     return settle
 
 
+def settle_and_log(ledger: Ledger, requests: RequestLog) -> tuple[OnUsage, OnUsages]:
+    """The access log's callbacks: settle in the ledger, then one line (and span) per request."""
+
+    async def on_usage(record: UsageRecord) -> object:
+        settled = await ledger.settle(record)
+        requests.finished([record])
+        return settled
+
+    async def on_usages(records: Sequence[UsageRecord]) -> object:
+        settled = await ledger.settle_many(records)
+        requests.finished(records)
+        return settled
+
+    return on_usage, on_usages
+
+
 async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: logging.Logger) -> int:
     host, port = args.host, args.port
     tokens.load()
     store = await _open_store(config, args.ledger)
     ledger = Ledger(config, store, logger=logger)
-    server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger)
+    tracer = Tracer(config.tracing, logger=logger) if config.tracing is not None else None
+    requests = RequestLog(config, logger=logger, tracer=tracer)
+    server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger, requests=requests)
+    on_usage, on_usages = settle_and_log(ledger, requests)
     access_log: grpc.aio.Server | None = None
     sweeper = asyncio.create_task(_sweep(ledger, logger))
     reconciler = asyncio.create_task(_reconcile(ledger, logger))
     try:
         if args.grpc_port is not None:
             processor = ExternalProcessor(
-                config, stream_settle(ledger), logger=logger, observe_ttft=ledger.metrics.ttft.observe
+                config, stream_settle(ledger, requests), logger=logger, observe_ttft=ledger.metrics.ttft.observe
             )
             access_log = await serve_grpc(
                 host,
                 args.grpc_port,
-                on_usage=ledger.settle,
-                on_usages=ledger.settle_many,
+                on_usage=on_usage,
+                on_usages=on_usages,
                 processor=processor,
                 logger=logger,
             )
@@ -168,7 +193,7 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
         bound_host, bound_port = await server.start(host, port)
     except OSError as exc:
         print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        await _shutdown((sweeper, reconciler), access_log, store, ledger)
+        await _shutdown((sweeper, reconciler), access_log, store, ledger, tracer)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -183,12 +208,16 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
         for signum in signals:
             loop.remove_signal_handler(signum)
         await server.close()
-        await _shutdown((sweeper, reconciler), access_log, store, ledger)
+        await _shutdown((sweeper, reconciler), access_log, store, ledger, tracer)
     return 0
 
 
 async def _shutdown(
-    loops: tuple[asyncio.Task[None], ...], access_log: grpc.aio.Server | None, store: Store, ledger: Ledger
+    loops: tuple[asyncio.Task[None], ...],
+    access_log: grpc.aio.Server | None,
+    store: Store,
+    ledger: Ledger,
+    tracer: Tracer | None = None,
 ) -> None:
     for task in loops:
         task.cancel()
@@ -201,3 +230,5 @@ async def _shutdown(
             json.dumps({"event": "ledger_lost_local", "reservations": len(ledger.local)})
         )
     await store.close()
+    if tracer is not None:  # the last spans go out (bounded by the exporter's timeout)
+        await asyncio.get_running_loop().run_in_executor(None, tracer.shutdown)

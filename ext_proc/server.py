@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import traceback
 import types
 from collections.abc import Awaitable, Coroutine, Generator, Sequence
@@ -46,6 +47,7 @@ from ext_proc.errors import (
 from ext_proc.ledger import Ledger, Reserved
 from ext_proc.metrics import CONTENT_TYPE, Metrics
 from ext_proc.queueing import HELD_LIMITS, HoldQueue
+from ext_proc.requestlog import RequestLog
 
 __all__ = ["Server"]
 
@@ -66,6 +68,7 @@ _KEEP_ALIVE_10_END: Final = b"connection: keep-alive\r\n\r\n"  # HTTP/1.0 keep-a
 _CLOSE_END: Final = b"connection: close\r\n\r\n"
 _AUTHZ_PREFIX: Final = b"/authz/"
 _NO_BODY: Final = b"\r\ncontent-length: 0\r\n"
+_TRACE_HEADER: Final = b"traceparent"
 
 Answer = tuple[bytes, bytes] | Coroutine[Any, Any, tuple[bytes, bytes]]
 """(head without the final blank line, body), or a coroutine making it."""
@@ -116,6 +119,7 @@ class Server:
         ledger: Ledger | None = None,
         metrics: Metrics | None = None,
         queue: HoldQueue | None = None,
+        requests: RequestLog | None = None,
     ):
         self.config = config
         self.max_body_bytes = config.max_request_bytes if max_body_bytes is None else max_body_bytes
@@ -128,7 +132,13 @@ class Server:
             metrics = ledger.metrics if ledger is not None else Metrics(config)
         self.metrics = metrics
         self.queue = queue if queue is not None else HoldQueue(config, metrics)
-        self.priority_headers = self.queue.headers
+        self.requests = requests if requests is not None else RequestLog(config, logger=self._log)
+        self.priority_headers: frozenset[bytes] = self.queue.headers | (
+            {_TRACE_HEADER} if config.tracing is not None else frozenset()
+        )
+        """Request headers kept for the rare paths (a hold, a refusal): the tenants' non-critical headers and, with
+        tracing on, ``traceparent`` (a refusal's line and span name its trace). Without tracing the header scan is
+        exactly what it was: tracing costs the hot path nothing."""
         self._allow: dict[str, bytes] = {
             tenant: _head(200, (("x-meshgen-tenant", tenant),), 0) for tenant in config.tenants
         }
@@ -182,7 +192,7 @@ class Server:
                     key = api_key_from_headers(authorization, x_api_key)
                     admitted = self._admission.admit(key, body, content_type)
                 except ApiError as err:
-                    return self.refusal(err)
+                    return self.refusal(err, priority)
                 if self._ledger is None:
                     return self._allow[admitted.tenant], b""
                 return self._reserve(admitted, priority)
@@ -209,6 +219,7 @@ class Server:
         def attempt() -> Coroutine[Any, Any, Reserved]:
             return ledger.reserve(admitted.tenant, admitted.model, admitted.request)
 
+        held_since: float | None = None
         try:
             try:
                 reserved = await attempt()
@@ -216,32 +227,31 @@ class Server:
                 wait_s = self.queue.max_wait(admitted.tenant, priority) if err.limit in HELD_LIMITS else None
                 if wait_s is None:
                     raise
+                held_since = time.monotonic()
                 reserved = await self.queue.hold(admitted.tenant, wait_s, err, attempt)
         except ApiError as err:
-            return self.refusal(err)
+            return self.refusal(err, priority)
         except Exception as exc:
             self.log_internal_error(exc)
-            return self.refusal(ServiceUnavailable())
-        if reserved.downgraded_from is None:
+            return self.refusal(ServiceUnavailable(), priority)
+        if reserved.downgraded_from is None and held_since is None:
             return self._reserved[admitted.tenant] + reserved.reservation.encode("latin-1") + _NO_BODY, b""
         headers: tuple[tuple[str, str], ...] = (
             ("x-meshgen-tenant", admitted.tenant),
             ("x-meshgen-reservation", reserved.reservation),
-            ("x-meshgen-route", reserved.model),
-            ("x-meshgen-downgraded-from", reserved.downgraded_from),
         )
+        if reserved.downgraded_from is not None:
+            headers += (("x-meshgen-route", reserved.model), ("x-meshgen-downgraded-from", reserved.downgraded_from))
+        if held_since is not None:  # to Envoy's metadata only: the request's log line says it waited
+            headers += (("x-meshgen-queued-ms", str(round((time.monotonic() - held_since) * 1000))),)
         return _head(200, headers, 0), b""
 
-    def refusal(self, err: ApiError) -> tuple[bytes, bytes]:
+    def refusal(self, err: ApiError, headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[bytes, bytes]:
+        """The answer to a refused request, its log line (and, with tracing, its span: ``headers`` are the kept
+        request headers, :attr:`priority_headers`)."""
         body = err.body()
-        line = {
-            "event": "refused",
-            "status": err.status,
-            "code": err.code,
-            "tenant": err.tenant,
-            "model": err.model,
-        }
-        self._log.info(json.dumps(line))
+        traceparent = next((v.decode("latin-1") for n, v in headers if n == _TRACE_HEADER), None)
+        self.requests.refused(err, err.status, traceparent)
         self.metrics.refused(err.tenant, err.reason if isinstance(err, LimitExceeded) else err.code)
         status = err.status if err.authz_status is None else err.authz_status
         return _head(status, (("content-type", "application/json"), *err.headers), len(body)), body

@@ -41,6 +41,19 @@ def build_gateway(policy: pm.Policy, *, source: str) -> ir.Gateway:
             settle_after_ms=longest_ms + SETTLE_MARGIN_MS,
         ),
         ports=build_ports(policy, clusters),
+        tracing=build_tracing(policy),
+    )
+
+
+def build_tracing(policy: pm.Policy) -> ir.Tracing | None:
+    endpoint = policy.observability.otlp_endpoint
+    if endpoint is None:
+        return None
+    url = urlsplit(endpoint)
+    return ir.Tracing(
+        otlp_host=url.hostname or "",
+        otlp_port=url.port or 4317,
+        sample_percent=policy.observability.sample_percent,
     )
 
 

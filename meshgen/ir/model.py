@@ -167,6 +167,19 @@ class Service(Frozen):
     log's flush and a margin. Later, its reservation is settled at the estimate."""
 
 
+class Tracing(Frozen):
+    """Spans over OTLP/gRPC to one collector, from every Envoy and from the data-plane service."""
+
+    otlp_host: str
+    otlp_port: int
+    sample_percent: float
+    """Share of requests Envoy starts a trace for."""
+
+    @property
+    def otlp_endpoint(self) -> str:
+        return f"http://{self.otlp_host}:{self.otlp_port}"
+
+
 class Ports(Frozen):
     """Loopback ports of the `local` target, keyed by what listens there (`listener.us-east`, `admin.us-east`,
     `service`, `chaos.provider.openai.us-east`, `provider.openai.us-east.ep0`, and the lab's `mocks.admin`,
@@ -194,6 +207,8 @@ class Gateway(Frozen):
     slos: tuple[Slo, ...]
     service: Service
     ports: Ports
+    tracing: Tracing | None = None
+    """None: no tracing anywhere (the policy's `observability.otlp_endpoint` unset)."""
 
     @cached_property
     def _models(self) -> dict[str, Model]:

@@ -232,6 +232,17 @@ class Service(Strict):
     """Budget stage alerts (each tenant's `alerts_at`) are also POSTed here as JSON, fire-and-forget."""
 
 
+class Observability(Strict):
+    """Tracing: every Envoy (its OpenTelemetry tracer) and the data-plane service (one span per request with the
+    `gen_ai.*` attributes, never a prompt or a completion) send spans over OTLP/gRPC to `otlp_endpoint`.
+    Unset: no tracing at all."""
+
+    otlp_endpoint: Annotated[str, StringConstraints(pattern=r"^http://[^/\s:]+:\d{1,5}/?$")] | None = None
+    """An OTLP/gRPC collector, plain HTTP/2: `http://otel-collector:4317`."""
+    sample_percent: Percent = 100
+    """Share of requests Envoy starts a trace for (a client's sampled `traceparent` is always followed)."""
+
+
 class Lab(Strict):
     """Where the `generated/local/` target puts things on this machine."""
 
@@ -249,4 +260,5 @@ class Policy(Strict):
     tenants: dict[Name, Tenant] = Field(default_factory=dict)
     chaos: dict[Name, Fault] = Field(default_factory=dict)
     slos: dict[Name, Slo] = Field(default_factory=dict)
+    observability: Observability = Observability()
     lab: Lab = Lab()

@@ -64,6 +64,7 @@ def service_config(gw: ir.Gateway) -> dict[str, object]:
         },
         "providers": {c.provider: {"api": c.schema_, "key_env": c.key_env} for c in gw.clusters if c.provider in used},
         "translated_chains": chains,
+        "tracing": {"otlp_endpoint": gw.tracing.otlp_endpoint} if gw.tracing else None,
     }
 
 

@@ -14,6 +14,7 @@ from meshgen.errors import RenderError
 # Every typed_config we emit must be registered in the proto pool before ParseDict can check it.
 _EXTENSION_MODULES = (
     "envoy.config.bootstrap.v3.bootstrap_pb2",
+    "envoy.config.trace.v3.opentelemetry_pb2",
     "envoy.extensions.access_loggers.grpc.v3.als_pb2",
     "envoy.extensions.access_loggers.stream.v3.stream_pb2",
     "envoy.extensions.clusters.aggregate.v3.cluster_pb2",

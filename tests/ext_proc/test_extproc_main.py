@@ -120,9 +120,9 @@ def test_internal_error_is_503_and_logged_without_the_body(tmp_path: Path, caplo
     }
     assert second.startswith(b"HTTP/1.1 200 OK\r\n")  # the connection survives an internal error
     records = [json.loads(r.getMessage()) for r in caplog.records]
-    assert [(r["event"], r.get("error"), r.get("code")) for r in records] == [
+    assert [(r["event"], r.get("error"), r.get("reason")) for r in records] == [
         ("internal_error", "RuntimeError", None),
-        ("refused", None, "service_unavailable"),
+        ("request", None, "service_unavailable"),
     ]
     assert any("in admit" in frame for frame in records[0]["stack"])
     assert "SECRET" not in caplog.text and KEY_A not in caplog.text and "boom" not in caplog.text

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshgen.render.envoy.filters.tracing import TRACE_HEADER
 from meshgen.render.envoy.types import API, AUTHZ_META_NS, RESERVATION_HEADER, SERVED_BY_HEADER
 
 ALS_CLUSTER = "meshgen.service.grpc"
@@ -40,7 +41,9 @@ def _has_reservation() -> dict[str, Any]:
     }
 
 
-def usage_access_log() -> dict[str, Any]:
+def usage_access_log(*, traced: bool = False) -> dict[str, Any]:
+    """With tracing, each entry also carries the request's `traceparent` (the gateway's span): the service's span
+    for the request is its child."""
     return {
         "name": "envoy.access_loggers.http_grpc",
         "filter": _has_reservation(),
@@ -55,5 +58,6 @@ def usage_access_log() -> dict[str, Any]:
             },
             # Which provider answered (the route sets it from the endpoint's metadata): hedges won are counted.
             "additional_response_headers_to_log": [SERVED_BY_HEADER],
+            **({"additional_request_headers_to_log": [TRACE_HEADER]} if traced else {}),
         },
     }

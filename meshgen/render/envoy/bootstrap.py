@@ -7,6 +7,7 @@ from typing import Any
 from meshgen.ir import model as ir
 from meshgen.render.document import Document
 from meshgen.render.envoy.clusters import all_clusters
+from meshgen.render.envoy.filters.tracing import tracing_runtime
 from meshgen.render.envoy.listeners import all_listeners
 from meshgen.render.envoy.target import Placement, Target
 
@@ -24,7 +25,12 @@ def bootstrap(gw: ir.Gateway, target: Target, region: ir.Region) -> dict[str, An
         },
         "admin": {"address": place.admin().socket()},
         # The admin layer lets `meshgen chaos` switch faults with /runtime_modify, no restart.
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
+        "layered_runtime": {
+            "layers": [
+                {"name": "static", "static_layer": tracing_runtime(gw.tracing)},
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
         "overload_manager": {
             "resource_monitors": [
                 {

@@ -8,6 +8,7 @@ from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import ALS_CLUSTER
 from meshgen.render.envoy.filters.ext_authz import SERVICE_CLUSTER
 from meshgen.render.envoy.filters.ext_proc import hold_filters, translate_filters
+from meshgen.render.envoy.filters.tracing import OTLP_CLUSTER
 from meshgen.render.envoy.routes import chain_cluster, hedged_stream_chains, stream_chain_cluster
 from meshgen.render.envoy.target import Address, Placement
 from meshgen.render.envoy.types import API, HTTP_OPTIONS, duration, stat_name
@@ -235,4 +236,10 @@ def service_clusters(place: Placement) -> list[dict[str, Any]]:
 def all_clusters(gw: ir.Gateway, place: Placement, region: ir.Region) -> list[dict[str, Any]]:
     hashed = affinity_headers(gw)
     providers = [cl for c in gw.clusters for cl in provider_clusters(place, c, ring_hash=c.name in hashed)]
-    return [*service_clusters(place), *providers, *chain_clusters(gw, region)]
+    return [*service_clusters(place), *otlp_clusters(gw), *providers, *chain_clusters(gw, region)]
+
+
+def otlp_clusters(gw: ir.Gateway) -> list[dict[str, Any]]:
+    """The OTLP/gRPC collector Envoy's tracer sends spans to, when the policy turns tracing on."""
+    t = gw.tracing
+    return [] if t is None else [_service_cluster(OTLP_CLUSTER, Address(t.otlp_host, t.otlp_port), http2=True)]

@@ -33,6 +33,7 @@ from meshgen.render.envoy.filters.fault import fault_filter
 from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
 from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
 from meshgen.render.envoy.filters.rbac import rbac_filter
+from meshgen.render.envoy.filters.tracing import hcm_tracing
 from meshgen.render.envoy.routes import route_config
 from meshgen.render.envoy.target import Placement
 from meshgen.render.envoy.types import (
@@ -181,8 +182,9 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
                 },
             },
             # Usage of JSON responses → the data-plane service, batched (access_log.py).
-            usage_access_log(),
+            usage_access_log(traced=gw.tracing is not None),
         ],
+        **(hcm_tracing(gw.tracing, region) if gw.tracing else {}),
     }
     return {
         "name": f"gateway.{region.name}",

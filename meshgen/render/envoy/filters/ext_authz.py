@@ -13,6 +13,7 @@ from meshgen.render.envoy.types import (
     API,
     CLIENT_KEY_HEADERS,
     DOWNGRADED_HEADER,
+    QUEUED_HEADER,
     RESERVATION_HEADER,
     ROUTE_HEADER,
     TENANT_HEADER,
@@ -48,7 +49,10 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                     # The tenant and the reservation outlive the headers (neither reaches a provider) as metadata
                     # (namespace envoy.filters.http.ext_authz), for the access logs; the gRPC one settles the
                     # reservation with the response's usage.
-                    "dynamic_metadata_from_headers": {"patterns": _exact(TENANT_HEADER, RESERVATION_HEADER)},
+                    # A downgrade and a wait in the queue too: the service's per-request log line says so.
+                    "dynamic_metadata_from_headers": {
+                        "patterns": _exact(TENANT_HEADER, RESERVATION_HEADER, DOWNGRADED_HEADER, QUEUED_HEADER)
+                    },
                     "allowed_client_headers": {
                         "patterns": [*_exact("content-type", "retry-after"), {"prefix": "x-ratelimit-"}]
                     },
