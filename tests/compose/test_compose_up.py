@@ -82,7 +82,8 @@ def host_network_plan(compose: dict[str, Any]) -> tuple[dict[str, set[int]], dic
     """Services that fit side by side on one network namespace (others before Envoys, file order), and why the
     rest were left out."""
     services = compose["services"]
-    order = sorted(services, key=lambda n: n.startswith("envoy-"))
+    # Services behind a profile (the OTLP collector) are not started by a plain `up`, nor here.
+    order = sorted((n for n in services if not services[n].get("profiles")), key=lambda n: n.startswith("envoy-"))
     chosen: dict[str, set[int]] = {}
     left_out: dict[str, str] = {}
     for name in order:
