@@ -125,3 +125,15 @@ def test_tracing_on_renders_the_tracer_and_the_service_contract(tmp_path: Path) 
     service = ServiceConfig.model_validate(docs["compose/service.json"])
     assert service.tracing is not None and service.tracing.otlp_endpoint == "http://otel-collector:4317"
     assert b"traceparent" in Server(service).priority_headers
+
+
+def test_a_stream_line_and_span_carry_the_streamed_counts(traced: Running, receiver: OtlpReceiver) -> None:
+    reply = traced.post(_chat("dev-model") | {"stream": True, "max_tokens": 50}, key=DEV_KEY)
+    assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n")
+    request_id = reply.headers["x-request-id"]
+    line = _request_line(traced, lambda doc: doc.get("request_id") == request_id)
+    assert line["decision"] == "allowed" and line["model_served"] == "dev-model"
+    assert line["input_tokens"] and line["output_tokens"] and line["estimated"] is False
+    span = receiver.wait_for(lambda s: s.service == "meshgen-service" and s.trace_id == line["trace_id"])
+    assert span.attributes["gen_ai.usage.output_tokens"] == line["output_tokens"]
+    assert all(PROMPT.encode() not in raw for raw in receiver.raw)
