@@ -232,12 +232,24 @@ class Service(Strict):
     """Budget stage alerts (each tenant's `alerts_at`) are also POSTed here as JSON, fire-and-forget."""
 
 
+_OTLP_ENDPOINT = re.compile(r"^http://[^/\s:]+:\d{1,5}/?$")
+
+
+def _otlp_endpoint(value: str) -> str:
+    if not _OTLP_ENDPOINT.match(value):
+        raise ValueError(
+            f"bad OTLP endpoint {value!r}: use http://<host>:<port> of an OTLP/gRPC collector, "
+            "e.g. http://otel-collector:4317"
+        )
+    return value
+
+
 class Observability(Strict):
     """Tracing: every Envoy (its OpenTelemetry tracer) and the data-plane service (one span per request with the
     `gen_ai.*` attributes, never a prompt or a completion) send spans over OTLP/gRPC to `otlp_endpoint`.
     Unset: no tracing at all."""
 
-    otlp_endpoint: Annotated[str, StringConstraints(pattern=r"^http://[^/\s:]+:\d{1,5}/?$")] | None = None
+    otlp_endpoint: Annotated[str, AfterValidator(_otlp_endpoint)] | None = None
     """An OTLP/gRPC collector, plain HTTP/2: `http://otel-collector:4317`."""
     sample_percent: Percent = 100
     """Share of requests Envoy starts a trace for (a client's sampled `traceparent` is always followed)."""
