@@ -64,18 +64,19 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return parts[1]
 
 
-def _any(value: Any) -> Any:
-    if isinstance(value, bool):
-        return common_pb2.AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.AnyValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.AnyValue(double_value=value)
-    return common_pb2.AnyValue(string_value=str(value))
-
-
-def _attributes(attributes: Mapping[str, Any] | None) -> list[Any]:
-    return [common_pb2.KeyValue(key=k, value=_any(v)) for k, v in (attributes or {}).items()]
+def _add_attributes(repeated: Any, attributes: Mapping[str, Any] | None) -> None:
+    """Filled in place: half the CPU of building each KeyValue and AnyValue and passing them in."""
+    add = repeated.add
+    for key, value in (attributes or {}).items():
+        any_value = add(key=key).value
+        if isinstance(value, bool):
+            any_value.bool_value = value
+        elif isinstance(value, int):
+            any_value.int_value = value
+        elif isinstance(value, float):
+            any_value.double_value = value
+        else:
+            any_value.string_value = str(value)
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> Any:
@@ -95,13 +96,14 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> Any:
             kind=_KIND[span.kind],
             start_time_unix_nano=span.start_time or 0,
             end_time_unix_nano=span.end_time or 0,
-            attributes=_attributes(span.attributes),
             status=trace_pb2.Status(code=_STATUS[status.status_code], message=status.description or ""),
         )
+        _add_attributes(encoded.attributes, span.attributes)
         by_resource.setdefault(id(span.resource), (span.resource, []))[1].append(encoded)
     resource_spans = []
     for resource, encoded_spans in by_resource.values():
-        pb_resource = resource_pb2.Resource(attributes=_attributes(resource.attributes))
+        pb_resource = resource_pb2.Resource()
+        _add_attributes(pb_resource.attributes, resource.attributes)
         if hasattr(trace_pb2, "ScopeSpans"):  # opentelemetry-proto
             scoped = trace_pb2.ScopeSpans(scope=common_pb2.InstrumentationScope(name=SCOPE), spans=encoded_spans)
             resource_spans.append(trace_pb2.ResourceSpans(resource=pb_resource, scope_spans=[scoped]))
