@@ -99,12 +99,12 @@ async def hold_first_token(
     process: Callable[[AsyncIterator[Any]], AsyncIterator[Any]],
     *,
     hold_ms: int,
-    close_after: bool,
+    close_after: Callable[[], bool],
 ) -> AsyncIterator[Any]:
     """``process`` (one attempt's processing: a reply per message) with its response replies held back from the
     response headers' reply until the first token, then all sent in order. While it holds, Envoy's message
-    timeout is raised to ``hold_ms`` (the filter's ``max_message_timeout``). ``close_after``: end the stream once
-    released (Envoy then passes the rest of the answer by without a message: measured)."""
+    timeout is raised to ``hold_ms`` (the filter's ``max_message_timeout``). ``close_after()`` true at the release: end
+    the stream then (Envoy passes the rest of the answer by without a message: measured)."""
     gate = FirstToken()
     holding = False
     released = False
@@ -132,7 +132,7 @@ async def hold_first_token(
                     yield earlier
                 held.clear()
             yield reply
-            if close_after and released:
+            if released and close_after():
                 return
             continue
         if reply.WhichOneof("response") == "response_headers":

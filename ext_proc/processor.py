@@ -159,6 +159,15 @@ _CONTINUE: Final = {
 }
 
 
+class _Attempt:
+    """What a held attempt's processing found out: whether its answer is translated."""
+
+    __slots__ = ("translating",)
+
+    def __init__(self) -> None:
+        self.translating = False
+
+
 async def _pass_through(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """Every message answered unchanged: what a hold alone needs around it."""
     async for message in messages:
@@ -221,11 +230,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         jobs = {j.strip() for j in str(metadata.get(JOBS_KEY, "count")).split(",")}
         chain = str(metadata.get(CHAIN_KEY, ""))
         if "hold" in jobs:
-            translate = "translate" in jobs
-            process = functools.partial(self._translate, chain=chain, hold=True) if translate else _pass_through
+            attempt = _Attempt()
+            process = (
+                functools.partial(self._translate, chain=chain, attempt=attempt)
+                if "translate" in jobs
+                else _pass_through
+            )
             hold_ms = int(metadata.get(HOLD_KEY, "0") or 0)
+            # Once the first token came, an attempt that is not translated needs nothing more from us.
             async for response in hold_first_token(
-                request_iterator, process, hold_ms=hold_ms, close_after=not translate
+                request_iterator, process, hold_ms=hold_ms, close_after=lambda: not attempt.translating
             ):
                 yield response
             return
@@ -269,12 +283,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self._finish(stream, cut=True)  # no-op after a clean end
 
     async def _translate(
-        self, request_iterator: AsyncIterator[Any], chain: str, *, hold: bool = False
+        self, request_iterator: AsyncIterator[Any], chain: str, *, attempt: _Attempt | None = None
     ) -> AsyncIterator[Any]:
         """One attempt of a translating chain (module docstring). A translator's bug fails the attempt (the gRPC
         stream errors; Envoy applies the filter's failure mode), logged without the request's content."""
         try:
-            async for response in self._translate_attempt(request_iterator, chain, hold=hold):
+            async for response in self._translate_attempt(request_iterator, chain, attempt):
                 yield response
         except Exception as exc:
             frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
@@ -286,8 +300,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             raise
 
     async def _translate_attempt(
-        self, request_iterator: AsyncIterator[Any], chain: str, *, hold: bool
+        self, request_iterator: AsyncIterator[Any], chain: str, attempt: _Attempt | None
     ) -> AsyncIterator[Any]:
+        """``attempt``: its headers are held for a hedge (ext_proc/hold.py), which must know whether it translates."""
         plan: Plan | None = None
         client_body = b""
         translating = False
@@ -309,7 +324,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation)),
                     # An attempt in the client's own schema has nothing to translate back: its answer skips us
                     # (unless its headers are held for a hedge: ext_proc/hold.py).
-                    mode_override=None if plan.translator is not None or hold else _REQUEST_ONLY,
+                    mode_override=None if plan.translator is not None or attempt is not None else _REQUEST_ONLY,
                 )
             elif kind == "request_body":
                 client_body = message.request_body.body
@@ -328,6 +343,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
             elif kind == "response_headers":
                 translating = plan is not None and plan.translator is not None
+                if attempt is not None:
+                    attempt.translating = translating
                 if not translating:
                     yield _CONTINUE_RESPONSE_HEADERS
                     continue

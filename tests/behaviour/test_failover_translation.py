@@ -354,8 +354,11 @@ def test_a_request_anthropic_cannot_take_gets_a_400_in_openai_shape(lab: Running
 @pytest.mark.parametrize("ttft_ms", [1500, 30])
 def test_a_hedged_stream_across_schemas_is_won_by_the_first_token(lab: Running, ttft_ms: int) -> None:
     """The openai primary's first token comes after 1.5 s: the hedge after 200 ms goes to anthropic, translated,
-    and wins. When it comes at once, the primary serves and no hedge is sent."""
+    and wins. When it comes at once, the primary serves, no hedge is sent, and the processor leaves the
+    untranslated stream after its first token (40 words: far fewer messages than chunks)."""
     lab.upstream.clear()
+    sent_to_processor = "cluster.model_hedged-gpt_chain_stream.ext_proc.stream_msgs_sent"
+    before = lab.envoy.stats("cluster.model_hedged-gpt").get(sent_to_processor, 0)
     start = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
     body = json.dumps(chat("hedged-gpt", stream=True)).encode()
@@ -364,7 +367,12 @@ def test_a_hedged_stream_across_schemas_is_won_by_the_first_token(lab: Running, 
         "POST",
         "/v1/chat/completions",
         body=body,
-        headers={**headers, "x-mock": f"ttft_ms={ttft_ms}@provider.openai-h.*"},
+        headers={
+            **headers,
+            "x-mock": ";".join(
+                f"{item}@provider.openai-h.*" for item in (f"ttft_ms={ttft_ms}", "words=40", "event_delay_ms=2")
+            ),
+        },
     )
     response = conn.getresponse()
     first = response.read(1)
@@ -382,3 +390,5 @@ def test_a_hedged_stream_across_schemas_is_won_by_the_first_token(lab: Running, 
     else:
         assert served == "openai-h"
         assert lab.upstream.count("provider.anthropic-h.*") == 0
+        assert len(chunks) > 40
+        assert lab.envoy.stats("cluster.model_hedged-gpt")[sent_to_processor] - before < 10
