@@ -29,9 +29,12 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def traced(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    tracing = ir.Tracing(otlp_host="127.0.0.1", otlp_port=receiver.port, sample_percent=100)
-    gw = compile_gateway(POLICY).model_copy(update={"tracing": tracing})
-    with running_gateway(gw, tmp_path_factory.mktemp("traced")) as running:
+    out = tmp_path_factory.mktemp("traced")
+    policy = out / "traced.yaml"  # the behaviour policy, with tracing turned on as a user would
+    policy.write_text(POLICY.read_text() + f'\nobservability: {{otlp_endpoint: "http://127.0.0.1:{receiver.port}"}}\n')
+    gw = compile_gateway(policy)
+    assert gw.tracing == ir.Tracing(otlp_host="127.0.0.1", otlp_port=receiver.port, sample_percent=100)
+    with running_gateway(gw, out) as running:
         yield running
 
 
