@@ -15,6 +15,7 @@ from meshgen.policy import load_policy
 from meshgen.render.document import Document
 from meshgen.render.envoy import Target, render_envoy
 from meshgen.render.extproc_config import render_service_config
+from meshgen.render.grafana import render_grafana
 
 
 def compile_gateway(policy_path: Path, *, source: str | None = None) -> Gateway:
@@ -22,7 +23,8 @@ def compile_gateway(policy_path: Path, *, source: str | None = None) -> Gateway:
 
 
 def render_all(gw: Gateway) -> list[Document]:
-    return [doc for target in Target for doc in (*render_envoy(gw, target), render_service_config(gw, target))]
+    docs = [doc for target in Target for doc in (*render_envoy(gw, target), render_service_config(gw, target))]
+    return [*docs, *render_grafana(gw)]
 
 
 def compile_policy(policy_path: Path, *, source: str | None = None) -> list[Document]:

@@ -68,7 +68,7 @@ def header(source: str, version: str) -> str:
 
 def dump(doc: Document, *, source: str, version: str) -> str:
     if doc.path.endswith(".json"):
-        return json.dumps({"generated_by": header(source, version), **doc.data}, indent=2) + "\n"
+        return json.dumps({doc.header_key: header(source, version), **doc.data}, indent=2) + "\n"
     if doc.path.endswith((".yaml", ".yml")):
         body = yaml.dump(doc.data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
         return f"# {header(source, version)}\n{body}"
