@@ -81,6 +81,9 @@ def metric_names(expr: str) -> set[str]:
 
 TS_PRELUDE = """\
 import type { Dashboard } from "@grafana/schema";
+import type { Options as bargauge } from "@panels/bargauge/panelcfg/x/BarGaugePanelCfg_types.gen";
+import type { Options as stat } from "@panels/stat/panelcfg/x/StatPanelCfg_types.gen";
+import type { Options as timeseries } from "@panels/timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen";
 
 /** The schema as JSON carries it: a string enum's values as their strings (JSON cannot name a TypeScript enum);
  * everything else, excess-property checks of object literals included, exactly as Grafana declares it. */
@@ -90,6 +93,22 @@ type Json<T> = T extends string ? (string extends T ? T : `${T}`)
   : T;
 
 export const dashboard: Json<Dashboard> = """
+
+
+PANEL_OPTIONS = ("bargauge", "stat", "timeseries")
+"""Panel types whose `options` are checked too, against the panel plugin's own `Options` (the dashboard schema
+leaves them open)."""
+
+
+def _panel_options(text: str) -> str:
+    """One object literal per panel's options, typed by its plugin's schema; any other panel type with options fails."""
+    lines = []
+    for i, panel in enumerate(panels(json.loads(text))):
+        if "options" not in panel:
+            continue
+        kind = panel["type"] if panel["type"] in PANEL_OPTIONS else "unchecked_panel_type"
+        lines.append(f"export const options{i}: Json<{kind}> = {json.dumps(panel['options'])};")
+    return "".join(line + "\n" for line in lines)
 
 
 def require_tsc() -> Path:
@@ -111,7 +130,7 @@ def typecheck(dashboards: Mapping[str, str], workdir: Path) -> dict[str, list[st
     files = {}
     for i, (name, text) in enumerate(sorted(dashboards.items())):
         ts = workdir / f"dashboard{i}.ts"
-        ts.write_text(TS_PRELUDE + text.rstrip() + ";\n")
+        ts.write_text(TS_PRELUDE + text.rstrip() + ";\n" + _panel_options(text))
         files[ts.name] = name
     config = {
         "compilerOptions": {
@@ -122,7 +141,7 @@ def typecheck(dashboards: Mapping[str, str], workdir: Path) -> dict[str, list[st
             "moduleResolution": "bundler",
             "skipLibCheck": True,
             "types": [],
-            "paths": {"@grafana/schema": [str(SCHEMA)]},
+            "paths": {"@grafana/schema": [str(SCHEMA)], "@panels/*": [f"{SCHEMA.parent}/raw/composable/*"]},
         },
         "files": sorted(files),
     }

@@ -49,12 +49,15 @@ def _edited(mutate: str) -> str:
     elif mutate == "bad enum value":
         panel = next(p for p in data["panels"] if "thresholds" in p.get("fieldConfig", {}).get("defaults", {}))
         panel["fieldConfig"]["defaults"]["thresholds"]["mode"] = "absolut"
+    elif mutate == "panel option typo":
+        panel = next(p for p in data["panels"] if p["type"] == "bargauge")
+        panel["options"]["displayMod"] = panel["options"].pop("displayMode")
     elif mutate == "wrong type":
         data["schemaVersion"] = "41"
     return json.dumps(data, indent=2)
 
 
-MUTATIONS = ["top-level typo", "panel typo", "variable typo", "bad enum value", "wrong type"]
+MUTATIONS = ["top-level typo", "panel typo", "variable typo", "bad enum value", "wrong type", "panel option typo"]
 
 
 def test_the_check_catches_mistakes(tmp_path: Path) -> None:
@@ -69,6 +72,7 @@ def test_the_check_catches_mistakes(tmp_path: Path) -> None:
         assert any(found in e and "TS2353" in e for e in errors[mutation]), (mutation, errors[mutation])
     assert any('"absolut"' in e for e in errors["bad enum value"]), errors["bad enum value"]
     assert any("TS2322" in e for e in errors["wrong type"]), errors["wrong type"]
+    assert any('"displayMod"' in e for e in errors["panel option typo"]), errors["panel option typo"]
 
 
 def test_provisioning_loads_the_dashboards() -> None:
