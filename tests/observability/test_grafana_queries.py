@@ -190,11 +190,17 @@ def _query(prometheus: str, expr: str) -> dict[str, Any]:
     return body
 
 
+def _lab_prometheus(lab: RunningLab) -> str:
+    url: str | None = lab.status()["urls"].get("prometheus")
+    if url is None:
+        require_binary("prometheus")  # not installed: skip (fail in CI)
+        pytest.fail("prometheus is installed but the lab runs without it")
+    return url
+
+
 def test_every_expression_runs_on_the_labs_prometheus(lab: RunningLab) -> None:
     """The lab's real Prometheus evaluates each expression of generated/grafana/ (parse and type errors fail)."""
-    prometheus = lab.status()["urls"].get("prometheus")
-    if prometheus is None:
-        require_binary("prometheus")  # not installed: skip (fail in CI)
+    prometheus = _lab_prometheus(lab)
     failed = {}
     for expr in GENERATED_EXPRESSIONS:
         answer = _query(prometheus, expr)
@@ -205,9 +211,7 @@ def test_every_expression_runs_on_the_labs_prometheus(lab: RunningLab) -> None:
 
 def test_panels_show_the_labs_traffic(lab: RunningLab) -> None:
     """After the scrapes, the overview's traffic, tokens and provider panels hold data from the lab's requests."""
-    prometheus = lab.status()["urls"].get("prometheus")
-    if prometheus is None:
-        require_binary("prometheus")
+    prometheus = _lab_prometheus(lab)
     overview = json.loads((GENERATED / "grafana/dashboards/meshgen-overview.json").read_text())
     by_title = {title: interpolate(expr) for title, expr in expressions(overview)}
     wanted = ["Requests by status class", "Tokens per tenant", "Requests per provider cluster"]
