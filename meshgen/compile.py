@@ -12,10 +12,12 @@ from meshgen import output
 from meshgen.ir.build import build_gateway
 from meshgen.ir.model import Gateway
 from meshgen.policy import load_policy
+from meshgen.render.alertmanager import render_alertmanager
 from meshgen.render.document import Document
 from meshgen.render.envoy import Target, render_envoy
 from meshgen.render.extproc_config import render_service_config
 from meshgen.render.grafana import render_grafana
+from meshgen.render.prometheus import render_prometheus
 
 
 def compile_gateway(policy_path: Path, *, source: str | None = None) -> Gateway:
@@ -24,7 +26,7 @@ def compile_gateway(policy_path: Path, *, source: str | None = None) -> Gateway:
 
 def render_all(gw: Gateway) -> list[Document]:
     docs = [doc for target in Target for doc in (*render_envoy(gw, target), render_service_config(gw, target))]
-    return [*docs, *render_grafana(gw)]
+    return [*docs, *render_grafana(gw), *render_prometheus(gw), *render_alertmanager(gw)]
 
 
 def compile_policy(policy_path: Path, *, source: str | None = None) -> list[Document]:
