@@ -5,7 +5,9 @@
 from the IR (``lab.base_port``): the mock providers (``python -m meshgen.lab.providers``) on every provider endpoint
 port plus their admin API on ``mocks.admin``, the data-plane service on ``service`` and ``service.grpc``, one Envoy
 per region on ``generated/local/envoy/<region>.yaml``, the supervisor's metrics on ``supervisor`` and, when the
-``prometheus`` binary is installed, Prometheus on ``prometheus`` scraping all of them.
+``prometheus`` binary is installed, Prometheus on ``prometheus`` scraping all of them with the generated rules
+(``generated/prometheus/local/``, the lab's regions only) and Alertmanager (Debian's ``prometheus-alertmanager``)
+on the next port with ``generated/alertmanager/local/alertmanager.yml``.
 
 The demo API keys (``sk-lab-<tenant>``, or the tenant name's first word: ``sk-lab-dev`` for ``dev-team``) are the lab's
 own, published in ``policies/lab.yaml``'s comment and the README; a key is shown only when its sha256 is one the
@@ -37,6 +39,7 @@ from meshgen.lab.run import HOST, LabError, current_digest, ensure_built, ports_
 from meshgen.lab.service import ServiceProcess
 from meshgen.lab.state import Fault, Plan, ProcessSpec, RegionUrls, RunDir, alive
 from meshgen.render.envoy.filters.fault import runtime_key
+from meshgen.render.prometheus.scrape import lab_alertmanager_port
 
 __all__ = [
     "LAB_KEY_PREFIX",
@@ -105,22 +108,15 @@ def _mock_provider_keys(service_json: Path) -> dict[str, str]:
     }
 
 
-def _prometheus_config(gateway: Gateway, regions: Sequence[str]) -> dict[str, Any]:
-    def target(port_name: str, **labels: str) -> dict[str, Any]:
-        return {"targets": [f"{HOST}:{gateway.ports.of(port_name)}"], "labels": labels}
-
-    return {
-        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
-        "scrape_configs": [
-            {
-                "job_name": "envoy",
-                "metrics_path": "/stats/prometheus",
-                "static_configs": [target(f"admin.{r}", region=r) for r in regions],
-            },
-            {"job_name": "service", "static_configs": [target("service")]},
-            {"job_name": "lab-supervisor", "static_configs": [target("supervisor")]},
-        ],
-    }
+def _prometheus_config(generated: Path, regions: Sequence[str]) -> dict[str, Any]:
+    """generated/prometheus/local/prometheus.yml for the regions this lab runs, its rule files by absolute path."""
+    config: dict[str, Any] = yaml.safe_load((generated / "prometheus" / "local" / "prometheus.yml").read_text())
+    config["rule_files"] = [str((generated / "prometheus" / "rules" / "*.yml").resolve())]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [
+            s for s in job["static_configs"] if s.get("labels", {}).get("region", regions[0]) in regions
+        ]
+    return config
 
 
 def plan_lab(
@@ -131,6 +127,7 @@ def plan_lab(
     run_dir: Path,
     regions: Sequence[str],
     prometheus: str | None,
+    alertmanager: str | None = None,
     envoy_log_level: str = "warn",
 ) -> Plan:
     """What `meshgen lab up` runs for ``gateway``: absolute paths, ports from the IR. ``prometheus`` is the
@@ -209,6 +206,25 @@ def plan_lab(
             )
         )
         urls["prometheus"] = url("prometheus")
+    if alertmanager is not None:
+        am = f"http://{HOST}:{lab_alertmanager_port(gateway)}"
+        processes.append(
+            ProcessSpec(
+                name="alertmanager",
+                argv=(
+                    alertmanager,
+                    f"--config.file={generated / 'alertmanager' / 'local' / 'alertmanager.yml'}",
+                    f"--storage.path={run_dir / 'alertmanager-data'}",
+                    f"--web.listen-address={HOST}:{lab_alertmanager_port(gateway)}",
+                    "--cluster.listen-address=",
+                    "--log.level=warn",
+                ),
+                health_url=f"{am}/-/ready",
+                log=log("alertmanager"),
+                tier=3,
+            )
+        )
+        urls["alertmanager"] = am
     auth = {r.name: r.auth for r in gateway.regions}
     lab_ports = [(n, ports.of(n)) for n in ("service", "service.grpc", "mocks.admin", "supervisor")]
     lab_ports += list(endpoints.items())
@@ -220,6 +236,8 @@ def plan_lab(
     ]
     if prometheus is not None:
         lab_ports.append(("prometheus", ports.of("prometheus")))
+    if alertmanager is not None:
+        lab_ports.append(("alertmanager", lab_alertmanager_port(gateway)))
     return Plan(
         policy=str(policy.resolve()),
         name=gateway.name,
@@ -340,8 +358,17 @@ def _up(
     gateway = built.gateway
     chosen = select_regions(gateway, regions, policy)
     binary = shutil.which("prometheus") if prometheus else None
+    am_binary = (shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")) if binary else None
     try:
-        plan = plan_lab(gateway, policy=policy, generated=generated, run_dir=rd.path, regions=chosen, prometheus=binary)
+        plan = plan_lab(
+            gateway,
+            policy=policy,
+            generated=generated,
+            run_dir=rd.path,
+            regions=chosen,
+            prometheus=binary,
+            alertmanager=am_binary,
+        )
     except EnvoyError as error:  # no envoy binary
         raise LabError(str(error)) from None
     plan = plan.model_copy(update={"build_digest": built.digest})
@@ -353,7 +380,7 @@ def _up(
         )
     rd.write_plan(plan)
     if binary is not None:
-        (rd.path / "prometheus.yml").write_text(yaml.safe_dump(_prometheus_config(gateway, chosen), sort_keys=False))
+        (rd.path / "prometheus.yml").write_text(yaml.safe_dump(_prometheus_config(generated, chosen), sort_keys=False))
     for spec in plan.processes:
         with open(spec.log, "ab") as log:
             log.write(f"=== meshgen lab up {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())

@@ -9,7 +9,7 @@ from meshgen.ir.model import Gateway
 from meshgen.render.envoy import Target
 from meshgen.render.envoy.target import COMPOSE_ADMIN_PORT, COMPOSE_SERVICE, LOOPBACK
 
-__all__ = ["ALERTMANAGER_PORT", "INTERVALS", "alertmanager_address", "prometheus_config"]
+__all__ = ["ALERTMANAGER_PORT", "INTERVALS", "alertmanager_address", "lab_alertmanager_port", "prometheus_config"]
 
 INTERVALS: Final = {Target.LOCAL: "5s", Target.COMPOSE: "15s"}
 """Scrape and rule evaluation: short in the lab so an alert shows within seconds, Prometheus' usual 15 s elsewhere."""
@@ -18,10 +18,14 @@ JOB_ENVOY: Final = "envoy"
 JOB_SERVICE: Final = "meshgen-service"
 
 
-def alertmanager_address(gw: Gateway, target: Target) -> str:
+def lab_alertmanager_port(gw: Gateway) -> int:
     """The lab's Alertmanager listens on the port after Prometheus' (the last of `lab.base_port`'s range)."""
+    return gw.ports.of("prometheus") + 1
+
+
+def alertmanager_address(gw: Gateway, target: Target) -> str:
     if target is Target.LOCAL:
-        return f"{LOOPBACK}:{gw.ports.of('prometheus') + 1}"
+        return f"{LOOPBACK}:{lab_alertmanager_port(gw)}"
     return f"alertmanager:{ALERTMANAGER_PORT}"
 
 
