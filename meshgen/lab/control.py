@@ -7,7 +7,8 @@ port plus their admin API on ``mocks.admin``, the data-plane service on ``servic
 per region on ``generated/local/envoy/<region>.yaml``, the supervisor's metrics on ``supervisor`` and, when the
 ``prometheus`` binary is installed, Prometheus on ``prometheus`` scraping all of them with the generated rules
 (``generated/prometheus/local/``, the lab's regions only) and Alertmanager (Debian's ``prometheus-alertmanager``)
-on the next port with ``generated/alertmanager/local/alertmanager.yml``.
+on the next port with ``generated/alertmanager/local/alertmanager.yml``, notifying the lab's webhook receiver
+(``python -m meshgen.lab.alert_sink``, the port after) which logs each notification to ``alert-sink.log``.
 
 The demo API keys (``sk-lab-<tenant>``, or the tenant name's first word: ``sk-lab-dev`` for ``dev-team``) are the lab's
 own, published in ``policies/lab.yaml``'s comment and the README; a key is shown only when its sha256 is one the
@@ -38,6 +39,7 @@ from meshgen.lab.envoy import EnvoyError, EnvoyProcess
 from meshgen.lab.run import HOST, LabError, current_digest, ensure_built, ports_in_use, select_regions
 from meshgen.lab.service import ServiceProcess
 from meshgen.lab.state import Fault, Plan, ProcessSpec, RegionUrls, RunDir, alive
+from meshgen.render.alertmanager import lab_sink_port
 from meshgen.render.envoy.filters.fault import runtime_key
 from meshgen.render.prometheus.scrape import lab_alertmanager_port
 
@@ -57,6 +59,8 @@ __all__ = [
 LAB_KEY_PREFIX = "sk-lab-"
 MOCKS_MODULE = "meshgen.lab.providers"
 """The mock providers' process: ``--listen LABEL=PORT … --host H --admin-port P``."""
+ALERT_SINK_MODULE = "meshgen.lab.alert_sink"
+"""The lab's webhook receiver for Alertmanager (``--host H --port P``), run with Alertmanager."""
 UP_TIMEOUT = 90.0
 DOWN_TIMEOUT = 30.0
 """The supervisor stops four tiers, each bounded by its own SIGTERM → SIGKILL timeout (5 s)."""
@@ -225,6 +229,17 @@ def plan_lab(
             )
         )
         urls["alertmanager"] = am
+        sink = f"http://{HOST}:{lab_sink_port(gateway)}"
+        processes.append(
+            ProcessSpec(
+                name="alert-sink",
+                argv=(sys.executable, "-m", ALERT_SINK_MODULE, "--host", HOST, "--port", str(lab_sink_port(gateway))),
+                health_url=f"{sink}/healthz",
+                log=log("alert-sink"),
+                tier=0,
+            )
+        )
+        urls["alert_sink"] = sink
     auth = {r.name: r.auth for r in gateway.regions}
     lab_ports = [(n, ports.of(n)) for n in ("service", "service.grpc", "mocks.admin", "supervisor")]
     lab_ports += list(endpoints.items())
@@ -237,7 +252,7 @@ def plan_lab(
     if prometheus is not None:
         lab_ports.append(("prometheus", ports.of("prometheus")))
     if alertmanager is not None:
-        lab_ports.append(("alertmanager", lab_alertmanager_port(gateway)))
+        lab_ports += [("alertmanager", lab_alertmanager_port(gateway)), ("alert-sink", lab_sink_port(gateway))]
     return Plan(
         policy=str(policy.resolve()),
         name=gateway.name,

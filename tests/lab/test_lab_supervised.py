@@ -154,7 +154,7 @@ def test_status_json(lab: RunningLab) -> None:
         expected.add("prometheus")
         assert info["urls"]["prometheus"].startswith("http://127.0.0.1:")
         if shutil.which("prometheus-alertmanager") or shutil.which("alertmanager"):
-            expected.add("alertmanager")
+            expected |= {"alertmanager", "alert-sink"}
     assert set(info["processes"]) == expected
     for name, p in info["processes"].items():
         assert p["status"] == "running" and isinstance(p["pid"], int) and p["restarts"] == 0, name

@@ -81,7 +81,7 @@ def _wait_alert(info: dict[str, Any], alertname: str, **labels: str) -> dict[str
 
 def test_lab_runs_prometheus_and_alertmanager_with_the_generated_config(lab: RunningLab) -> None:
     info = lab.status()
-    assert {"prometheus", "alertmanager"} <= set(info["processes"])
+    assert {"prometheus", "alertmanager", "alert-sink"} <= set(info["processes"])
     rules = _get(f"{info['urls']['prometheus']}/api/v1/rules")["data"]["groups"]
     assert {"meshgen.budgets", "meshgen.providers", "meshgen.slo", "meshgen.sli.gateway"} <= {g["name"] for g in rules}
     deadline = time.monotonic() + 15
@@ -114,6 +114,17 @@ def test_budget_spent_reaches_alertmanager(lab: RunningLab) -> None:
     assert alert["labels"]["stage"] == f"{stage * 100:g}"
     assert alert["labels"]["severity"] == ("page" if stage >= 1 else "ticket")
     assert alert["status"]["state"] == "active"
+    deadline = time.monotonic() + ALERT_TIMEOUT
+    notified: list[dict[str, Any]] = []
+    while not notified and time.monotonic() < deadline:  # Alertmanager's 1 s group wait in the lab
+        notified = [
+            n
+            for n in _get(f"{info['urls']['alert_sink']}/notifications")
+            if any(a["labels"].get("alertname") == "MeshgenBudgetStage" for a in n["alerts"])
+        ]
+        time.sleep(0.5)
+    assert notified, "the lab's webhook receiver got no MeshgenBudgetStage notification"
+    assert notified[0]["receiver"] == alert["labels"]["severity"] and notified[0]["status"] == "firing"
 
 
 def test_provider_failing_three_times_reaches_alertmanager(lab: RunningLab) -> None:
