@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import sys
 from pathlib import Path
@@ -31,15 +32,21 @@ def _fail(error: MeshgenError) -> typer.Exit:
     return typer.Exit(error.exit_code)
 
 
+class BuildTarget(enum.StrEnum):
+    envoy = "envoy"
+    istio = "istio"
+
+
 @app.command()
 def build(
     policy: PolicyArg = Path("policies/lab.yaml"),
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path("generated"),
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 3 if OUT is stale.")] = False,
+    target: Annotated[BuildTarget | None, typer.Option("--target", help="Only this target (default: both).")] = None,
 ) -> None:
-    """Compile POLICY into Envoy bootstraps and the data-plane service's config under OUT."""
+    """Compile POLICY into Envoy bootstraps, the data-plane service's config and Istio manifests under OUT."""
     try:
-        _, files = compiler.build(policy, version=__version__)
+        _, files = compiler.build(policy, version=__version__, targets=(target.value,) if target else compiler.TARGETS)
         if check:
             output.check(out, files)
             typer.echo(f"{out} is up to date ({len(files)} files).")

@@ -17,6 +17,7 @@ from meshgen.render.document import Document
 from meshgen.render.envoy import Target, render_envoy
 from meshgen.render.extproc_config import render_service_config
 from meshgen.render.grafana import render_grafana
+from meshgen.render.istio import render_istio
 from meshgen.render.prometheus import render_prometheus
 
 
@@ -24,9 +25,14 @@ def compile_gateway(policy_path: Path, *, source: str | None = None) -> Gateway:
     return build_gateway(load_policy(policy_path), source=source or policy_path.as_posix())
 
 
-def render_all(gw: Gateway) -> list[Document]:
+TARGETS = ("envoy", "istio")
+"""`meshgen build --target`: envoy is Compose and the local lab (with their monitoring), istio the mesh."""
+
+
+def render_all(gw: Gateway, targets: tuple[str, ...] = TARGETS) -> list[Document]:
     docs = [doc for target in Target for doc in (*render_envoy(gw, target), render_service_config(gw, target))]
-    return [*docs, *render_grafana(gw), *render_prometheus(gw), *render_alertmanager(gw)]
+    envoy = [*docs, *render_grafana(gw), *render_prometheus(gw), *render_alertmanager(gw)]
+    return [*(envoy if "envoy" in targets else []), *(render_istio(gw) if "istio" in targets else [])]
 
 
 def compile_policy(policy_path: Path, *, source: str | None = None) -> list[Document]:
@@ -51,11 +57,11 @@ PARALLEL_FROM = 200
 """Models plus tenants from which dumping the files on every core pays for starting the workers (~10 ms each)."""
 
 
-def build(policy_path: Path, *, version: str) -> tuple[Gateway, dict[str, str]]:
+def build(policy_path: Path, *, version: str, targets: tuple[str, ...] = TARGETS) -> tuple[Gateway, dict[str, str]]:
     """The gateway and the text of every file `meshgen build` writes for this policy, keyed by relative path."""
     with _no_gc():
         source = policy_path.as_posix()
         gw = compile_gateway(policy_path, source=source)
         large = len(gw.models) + len(gw.tenants) >= PARALLEL_FROM
         processes = (os.cpu_count() or 1) if large else 1
-        return gw, output.serialize(render_all(gw), source=source, version=version, processes=processes)
+        return gw, output.serialize(render_all(gw, targets), source=source, version=version, processes=processes)

@@ -1,0 +1,161 @@
+"""Core Kubernetes kinds for the Istio target: the region Namespaces (sidecar injection on), the data-plane service
+and the mock providers (Deployment, Service, ServiceAccount; the service's config in a ConfigMap). The images are
+the ones docker-compose.yml builds (ext_proc/Dockerfile, meshgen/lab/Dockerfile)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from meshgen.ir import model as ir
+from meshgen.render.istio.common import (
+    MOCK_IMAGE,
+    SERVICE_GRPC_PORT,
+    SERVICE_HTTP_PORT,
+    SERVICE_IMAGE,
+    SERVICE_NAME,
+    in_cluster,
+    meta,
+    namespace,
+)
+
+MOCK_ADMIN_PORT = 11435
+
+
+def namespace_doc(region: ir.Region) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": namespace(region.name), "labels": {"istio-injection": "enabled"}},
+    }
+
+
+def _labels(app: str) -> dict[str, str]:
+    return {"app": app}
+
+
+def service_account(name: str, region: ir.Region) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(name, region.name)}
+
+
+def service(name: str, region: ir.Region, ports: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(name, region.name),
+        "spec": {
+            "selector": _labels(name),
+            "ports": [{"name": pname, "port": port, "targetPort": port} for pname, port in ports],
+        },
+    }
+
+
+def _probe(port: int) -> dict[str, Any]:
+    return {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5}
+
+
+def deployment(name: str, region: ir.Region, container: dict[str, Any], volumes: list[Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = {"serviceAccountName": name, "containers": [container]}
+    if volumes:
+        pod["volumes"] = volumes
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(name, region.name),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": _labels(name)},
+            "template": {"metadata": {"labels": _labels(name)}, "spec": pod},
+        },
+    }
+
+
+def service_config_map(region: ir.Region, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(f"{SERVICE_NAME}-config", region.name),
+        "data": {"service.json": json.dumps(config, indent=2, sort_keys=False) + "\n"},
+    }
+
+
+def data_plane_service(region: ir.Region, gw: ir.Gateway) -> list[dict[str, Any]]:
+    keys = sorted({c.key_env for c in gw.clusters})
+    container = {
+        "name": SERVICE_NAME,
+        "image": SERVICE_IMAGE,
+        "args": [
+            "python",
+            "-m",
+            "ext_proc",
+            "--config",
+            "/etc/meshgen/service.json",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVICE_HTTP_PORT),
+            "--grpc-port",
+            str(SERVICE_GRPC_PORT),
+            "--ledger",
+            "/var/lib/meshgen/ledger.sqlite",
+        ],
+        "ports": [
+            {"name": "http", "containerPort": SERVICE_HTTP_PORT},
+            {"name": "grpc", "containerPort": SERVICE_GRPC_PORT},
+        ],
+        "env": [
+            {"name": k, "valueFrom": {"secretKeyRef": {"name": "provider-keys", "key": k, "optional": True}}}
+            for k in keys
+        ],
+        "readinessProbe": _probe(SERVICE_HTTP_PORT),
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/meshgen", "readOnly": True},
+            {"name": "ledger", "mountPath": "/var/lib/meshgen"},
+        ],
+    }
+    volumes = [
+        {"name": "config", "configMap": {"name": f"{SERVICE_NAME}-config"}},
+        {"name": "ledger", "emptyDir": {}},
+    ]
+    return [
+        service_account(SERVICE_NAME, region),
+        service(SERVICE_NAME, region, [("http", SERVICE_HTTP_PORT), ("grpc", SERVICE_GRPC_PORT)]),
+        deployment(SERVICE_NAME, region, container, volumes),
+    ]
+
+
+def mock_providers(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
+    """A mock per in-cluster endpoint host (`ollama-east`) of this region's clusters."""
+    docs: list[dict[str, Any]] = []
+    for c in gw.clusters:
+        if c.region != region.name:
+            continue
+        for ep in c.endpoints:
+            if not in_cluster(ep.host):
+                continue
+            container = {
+                "name": "mock",
+                "image": MOCK_IMAGE,
+                "args": [
+                    "python",
+                    "-m",
+                    "meshgen.lab.providers",
+                    "--listen",
+                    f"{ep.name}={ep.port}",
+                    "--host",
+                    "0.0.0.0",
+                    "--admin-port",
+                    str(MOCK_ADMIN_PORT),
+                ],
+                "ports": [
+                    {"name": "http", "containerPort": ep.port},
+                    {"name": "admin", "containerPort": MOCK_ADMIN_PORT},
+                ],
+                "readinessProbe": _probe(MOCK_ADMIN_PORT),
+            }
+            docs += [
+                service_account(ep.host, region),
+                service(ep.host, region, [("http", ep.port)]),
+                deployment(ep.host, region, container, []),
+            ]
+    return docs
