@@ -39,6 +39,8 @@ MG301    region with ``auth: jwt`` but no ``jwt`` block
 MG302    region with a ``jwt`` block but another ``auth``
 MG311    chaos fault with neither ``delay`` nor ``abort``
 MG312    chaos fault targets a region where its provider has no endpoint (it would hit nothing)
+MG313    a fault and retries on one Istio route (Istio drops the retries, istio/istio#13705); raised by the
+         Istio renderer's ``check_fault_hops``: faults go on the provider's hop, retries on the model's route
 MG401    header the gateway strips from clients (``x-meshgen-*``, ``x-envoy-*``) used for routing
 =======  ==========================================================================================
 """
