@@ -31,6 +31,7 @@ def test_ext_authz_answers_before_the_authorization_policy(resources: list[tuple
         order = filter_order(ef)
         assert order == [
             "envoy.filters.http.json_to_metadata",
+            "envoy.filters.http.header_mutation",
             "envoy.filters.http.ext_authz",
             "envoy.filters.http.rbac",
             "envoy.filters.http.ext_proc",

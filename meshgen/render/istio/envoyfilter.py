@@ -1,8 +1,8 @@
 """EnvoyFilters: what Istio has no API for. Into the ingress gateway's HTTP chain, before Istio's RBAC filter (the
-AuthorizationPolicy), in this order: json_to_metadata (the body's model), ext_authz (the data-plane service's
-admission: its answer sets the tenant and route headers RBAC reads), then ext_proc (streams) before the router;
-the gRPC access log on the connection manager; the upstream ext_proc on translating chains' clusters; hedging on
-the hedged models' routes."""
+AuthorizationPolicy), in this order: json_to_metadata (the body's model), a header mutation (that model as
+`x-meshgen-route`), ext_authz (the data-plane service's admission: its answer sets the tenant header, and the route
+on a downgrade, that RBAC reads), then ext_proc (streams) before the router; the gRPC access log on the connection
+manager; the upstream ext_proc on translating chains' clusters; hedging on the hedged models' routes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from meshgen.ir import model as ir
 from meshgen.render.extproc_config import translated_chains
 from meshgen.render.istio.common import (
     GATEWAY_SELECTOR,
+    ROUTE_HEADER,
     SERVICE_GRPC_PORT,
     SERVICE_HTTP_PORT,
     SERVICE_NAME,
+    TENANT_HEADER,
     meta,
     namespace,
     seconds,
@@ -54,6 +56,25 @@ def _json_to_metadata() -> dict[str, Any]:
     return {
         "@type": f"{API}.filters.http.json_to_metadata.v3.JsonToMetadata",
         "request_rules": {"rules": [rule], "allow_empty_content_type": True},
+    }
+
+
+def _route_header() -> dict[str, Any]:
+    """Istio routes on headers only: the body's model becomes `x-meshgen-route` (a client's own is overwritten, its
+    tenant header dropped); the service's answer overwrites the route on a downgrade."""
+    return {
+        "@type": f"{API}.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {
+            "request_mutations": [
+                {"remove": TENANT_HEADER},
+                {
+                    "append": {
+                        "header": {"key": ROUTE_HEADER, "value": "%DYNAMIC_METADATA(meshgen.req:model)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                },
+            ]
+        },
     }
 
 
@@ -168,6 +189,7 @@ def _hedging(gw: ir.Gateway) -> list[dict[str, Any]]:
 def envoy_filter(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
     patches = [
         _http_filter(RBAC, "envoy.filters.http.json_to_metadata", _json_to_metadata()),
+        _http_filter(RBAC, "envoy.filters.http.header_mutation", _route_header()),
         _http_filter(RBAC, "envoy.filters.http.ext_authz", _ext_authz(gw, region)),
         _http_filter(ROUTER, "envoy.filters.http.ext_proc", _ext_proc(region)),
         _access_log(region),
