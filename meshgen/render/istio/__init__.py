@@ -28,7 +28,7 @@ __all__ = ["istio_resources", "render_istio"]
 def _region_resources(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     used = sorted({c for _, chain in region.chains for c in chain})
     clusters = [gw.cluster(c) for c in used]
-    entries = [se for c in clusters if (se := service_entry(c, region)) is not None]
+    entries = [se for c in clusters if (se := service_entry(gw, c, region)) is not None]
     jwt = request_authentication(region)
     services = [model_routes(gw, region), *fault_hops(gw, region)]
     check_fault_hops(services, source=gw.source)

@@ -43,7 +43,7 @@ def destination_rule(gw: ir.Gateway, region: ir.Region, cluster: ir.ProviderClus
     }
     host = cluster_host(gw, cluster.name)
     if cluster.endpoints[0].tls:
-        policy["tls"] = {"mode": "SIMPLE", "sni": host}
+        policy["tls"] = {"mode": "SIMPLE", "sni": cluster.endpoints[0].host}
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",

@@ -17,7 +17,10 @@ RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
 
 
 def cluster_host(gw: ir.Gateway, cluster: str) -> str:
+    """The endpoint's own host; a cluster of several hosts gets one name (its ServiceEntry lists the endpoints)."""
     c = gw.cluster(cluster)
+    if len({ep.host for ep in c.endpoints}) > 1:
+        return f"{k8s_name(c.name)}.meshgen.internal"
     return host_of(c.endpoints[0], c.region)
 
 
