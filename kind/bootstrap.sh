@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bring up meshgen's Istio target on kind: create the cluster, install Istio, load the service and mock images,
-# apply generated/istio (kustomize), wait for the Deployments, send one smoke request through the us-east gateway.
+# apply generated/istio (kustomize), wait for the Deployments, send one smoke request through the gateway on
+# NodePort 30080 (the first api-key region's, published on localhost:8080 by kind/cluster.yaml).
 #
 #   kind/bootstrap.sh            do it (needs docker, kind, kubectl, istioctl)
 #   kind/bootstrap.sh --dry-run  print the steps and the manifests it would apply; needs none of them
@@ -44,10 +45,8 @@ if ((dry_run == 0)); then need docker kind kubectl istioctl curl; fi
 step "1/6 create the kind cluster"
 run kind create cluster --name "$cluster" --config "$here/cluster.yaml"
 
-step "2/6 install Istio $istio_version (default profile, ingress gateway on NodePort 30080)"
-run istioctl install -y --set profile=default \
-  --set "values.gateways.istio-ingressgateway.type=NodePort" \
-  --set "components.ingressGateways[0].k8s.service.ports[0].nodePort=30080"
+step "2/6 install Istio $istio_version (minimal profile: istiod; each region deploys its own ingress gateway)"
+run istioctl install -y --set profile=minimal
 
 step "3/6 build and load the images (docker-compose.yml: ext_proc/Dockerfile, meshgen/lab/Dockerfile)"
 run docker build -t meshgen/service:dev -f "$root/ext_proc/Dockerfile" "$root"

@@ -9,11 +9,14 @@ from typing import Any
 
 from meshgen.ir import model as ir
 from meshgen.render.istio.common import (
+    GATEWAY_NAME,
+    GATEWAY_NODE_PORT,
     MOCK_IMAGE,
     SERVICE_GRPC_PORT,
     SERVICE_HTTP_PORT,
     SERVICE_IMAGE,
     SERVICE_NAME,
+    gateway_selector,
     in_cluster,
     meta,
     namespace,
@@ -68,6 +71,42 @@ def deployment(name: str, region: ir.Region, container: dict[str, Any], volumes:
             "template": {"metadata": {"labels": _labels(name)}, "spec": pod},
         },
     }
+
+
+def ingress_gateway(region: ir.Region, *, first: bool) -> list[dict[str, Any]]:
+    """The region's ingress gateway, deployed with Istio's gateway injection (image `auto`); the `first` one (the
+    smoke request's) is a NodePort on 30080 for kind."""
+    name = f"{GATEWAY_NAME}-ingress"
+    labels = {**gateway_selector(region.name), "istio": "ingressgateway", "sidecar.istio.io/inject": "true"}
+    pod = {
+        "serviceAccountName": name,
+        "containers": [{"name": "istio-proxy", "image": "auto"}],
+    }
+    port: dict[str, Any] = {"name": "http", "port": 80, "targetPort": 8080}
+    if region.auth == "mtls":
+        port = {"name": "https", "port": 443, "targetPort": 8443}
+    if first:
+        port["nodePort"] = GATEWAY_NODE_PORT
+    service_spec: dict[str, Any] = {"selector": gateway_selector(region.name), "ports": [port]}
+    if first:
+        service_spec["type"] = "NodePort"
+    return [
+        service_account(name, region),
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, region.name), "spec": service_spec},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta(name, region.name),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": gateway_selector(region.name)},
+                "template": {
+                    "metadata": {"annotations": {"inject.istio.io/templates": "gateway"}, "labels": labels},
+                    "spec": pod,
+                },
+            },
+        },
+    ]
 
 
 def service_config_map(region: ir.Region, config: dict[str, Any]) -> dict[str, Any]:

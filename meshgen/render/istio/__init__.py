@@ -25,6 +25,11 @@ from meshgen.render.istio.virtualservice import check_fault_hops, fault_hops, mo
 __all__ = ["istio_resources", "render_istio"]
 
 
+def _smoke_region(gw: ir.Gateway) -> ir.Region:
+    """The region kind publishes on localhost:8080: the first with plain API keys (curl needs no client cert)."""
+    return next((r for r in gw.regions if r.auth == "api-key"), gw.regions[0])
+
+
 def _region_resources(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:
     used = sorted({c for _, chain in region.chains for c in chain})
     clusters = [gw.cluster(c) for c in used]
@@ -37,6 +42,7 @@ def _region_resources(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]
         k8s.service_config_map(region, service_config(gw)),
         *k8s.data_plane_service(region, gw),
         *k8s.mock_providers(gw, region),
+        *k8s.ingress_gateway(region, first=region == _smoke_region(gw)),
         gateway(region),
         *services,
         *(destination_rule(gw, region, c) for c in clusters),

@@ -6,7 +6,17 @@ from typing import Any
 
 from meshgen.ir import model as ir
 
-GATEWAY_SELECTOR = {"istio": "ingressgateway"}
+GATEWAY_NAME = "llm-gateway"
+GATEWAY_NODE_PORT = 30080
+"""The first region's gateway on the kind node (kind/cluster.yaml publishes it on localhost:8080)."""
+
+
+def gateway_selector(region: str) -> dict[str, str]:
+    """Each region runs its own ingress gateway in its namespace (as the Compose target runs one Envoy a region):
+    the Gateway, EnvoyFilter, AuthorizationPolicy and RequestAuthentication select it by this label."""
+    return {"meshgen.io/gateway": region}
+
+
 SERVICE_NAME = "meshgen-service"
 SERVICE_IMAGE = "meshgen/service:dev"
 """The images docker-compose.yml builds: ext_proc/Dockerfile and meshgen/lab/Dockerfile."""

@@ -11,12 +11,12 @@ from typing import Any
 from meshgen.ir import model as ir
 from meshgen.render.extproc_config import translated_chains
 from meshgen.render.istio.common import (
-    GATEWAY_SELECTOR,
     ROUTE_HEADER,
     SERVICE_GRPC_PORT,
     SERVICE_HTTP_PORT,
     SERVICE_NAME,
     TENANT_HEADER,
+    gateway_selector,
     meta,
     namespace,
     seconds,
@@ -200,7 +200,7 @@ def envoy_filter(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
         "metadata": meta("meshgen", region.name),
-        "spec": {"workloadSelector": {"labels": GATEWAY_SELECTOR}, "configPatches": patches},
+        "spec": {"workloadSelector": {"labels": gateway_selector(region.name)}, "configPatches": patches},
     }
 
 

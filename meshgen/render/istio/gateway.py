@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshgen.ir import model as ir
-from meshgen.render.istio.common import GATEWAY_SELECTOR, meta
+from meshgen.render.istio.common import GATEWAY_NAME, gateway_selector, meta
 
 
 def gateway(region: ir.Region) -> dict[str, Any]:
@@ -19,6 +19,6 @@ def gateway(region: ir.Region) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "Gateway",
-        "metadata": meta("llm-gateway", region.name),
-        "spec": {"selector": GATEWAY_SELECTOR, "servers": [{**server, "hosts": ["*"]}]},
+        "metadata": meta(GATEWAY_NAME, region.name),
+        "spec": {"selector": gateway_selector(region.name), "servers": [{**server, "hosts": ["*"]}]},
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshgen.ir import model as ir
-from meshgen.render.istio.common import GATEWAY_SELECTOR, ROUTE_HEADER, TENANT_HEADER, meta
+from meshgen.render.istio.common import ROUTE_HEADER, TENANT_HEADER, gateway_selector, meta
 
 
 def peer_authentication(region: ir.Region) -> dict[str, Any]:
@@ -31,11 +31,11 @@ def request_authentication(region: ir.Region) -> dict[str, Any] | None:
         "apiVersion": "security.istio.io/v1",
         "kind": "RequestAuthentication",
         "metadata": meta("jwt", region.name),
-        "spec": {"selector": {"matchLabels": GATEWAY_SELECTOR}, "jwtRules": [rule]},
+        "spec": {"selector": {"matchLabels": gateway_selector(region.name)}, "jwtRules": [rule]},
     }
 
 
-def tenant_models(gw: ir.Gateway) -> dict[str, Any]:
+def tenant_models(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
     """ALLOW: a tenant's requests only to its models (and the models they are downgraded to)."""
     rules = [
         {
@@ -46,7 +46,7 @@ def tenant_models(gw: ir.Gateway) -> dict[str, Any]:
         }
         for t in gw.tenants
     ]
-    return {"selector": {"matchLabels": GATEWAY_SELECTOR}, "action": "ALLOW", "rules": rules}
+    return {"selector": {"matchLabels": gateway_selector(region.name)}, "action": "ALLOW", "rules": rules}
 
 
 def authorization_policy(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
@@ -54,5 +54,5 @@ def authorization_policy(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": meta("tenant-models", region.name),
-        "spec": tenant_models(gw),
+        "spec": tenant_models(gw, region),
     }
