@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from meshgen.lab.providers.client import MockAdmin
 from tests.lab.test_lab_supervised import RunningLab, lab_policy
+from tests.observability.test_grafana_queries import exported_names
 from tests.support.tools import find_binary, require_binary
 
 ALERT_TIMEOUT = 60.0
@@ -98,6 +100,12 @@ def test_lab_runs_prometheus_and_alertmanager_with_the_generated_config(lab: Run
     assert _get(f"{info['urls']['alertmanager']}/api/v2/status")["cluster"]["status"] == "disabled"
 
 
+def _text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text: str = resp.read().decode()
+    return text
+
+
 def test_budget_spent_reaches_alertmanager(lab: RunningLab) -> None:
     info = lab.status()
     status, body = _chat(info, "research", "gpt-4o-mini", max_tokens=1)
@@ -140,3 +148,23 @@ def test_provider_failing_three_times_reaches_alertmanager(lab: RunningLab) -> N
         admin.clear_faults()
     assert alert["labels"]["region"] == "us-east" and alert["labels"]["severity"] == "page"
     assert "failed 3 consecutive times" in alert["annotations"]["summary"]
+
+
+def test_every_metric_the_rules_select_is_exported(lab: RunningLab) -> None:
+    """(Last: Envoy makes some stats on a cluster's first answer.) Each metric name in a generated rule (recording
+    rules' own `a:b:c` names aside) is one some process of the running lab exports: its Envoy's
+    /stats/prometheus, the service's /metrics, or Prometheus' own `up`."""
+    rules = yaml.safe_load((lab.generated / "prometheus" / "rules" / "alerts.yml").read_text())["groups"]
+    rules += yaml.safe_load((lab.generated / "prometheus" / "rules" / "sli.yml").read_text())["groups"]
+    selected = {
+        name
+        for group in rules
+        for rule in group["rules"]
+        for name in re.findall(r"([A-Za-z_:][\w:]*)\s*[{\[]", rule["expr"])
+        if ":" not in name
+    }
+    info = lab.status()
+    exported = {"up"} | exported_names(_text(info["regions"]["us-east"]["admin_url"] + "/stats/prometheus"))
+    exported |= exported_names(_text(info["urls"]["service"] + "/metrics"))
+    assert selected - exported == set(), sorted(selected - exported)
+    assert len(selected) > 15
