@@ -166,7 +166,8 @@ def exported(lab: RunningLab) -> dict[str, set[str]]:
 def test_mock_providers_export_no_metrics(lab: RunningLab) -> None:
     with pytest.raises(urllib.error.HTTPError) as raised:
         _get(lab.status()["urls"]["mocks_admin"] + "/metrics")
-    assert raised.value.code == 404
+    with raised.value as error:
+        assert error.code == 404
 
 
 def test_every_metric_in_a_dashboard_is_exported(exported: dict[str, set[str]]) -> None:
@@ -186,7 +187,8 @@ def _query(prometheus: str, expr: str) -> dict[str, Any]:
     try:
         body: dict[str, Any] = json.loads(_get(url))
     except urllib.error.HTTPError as error:
-        body = json.loads(error.read().decode())
+        with error:
+            body = json.loads(error.read().decode())
     return body
 
 
