@@ -42,11 +42,17 @@ def build(
     policy: PolicyArg = Path("policies/lab.yaml"),
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path("generated"),
     check: Annotated[bool, typer.Option("--check", help="Write nothing; exit 3 if OUT is stale.")] = False,
-    target: Annotated[BuildTarget | None, typer.Option("--target", help="Only this target (default: both).")] = None,
+    target: Annotated[
+        BuildTarget | None,
+        typer.Option("--target", help="Only this target; the other's files in OUT stay as they are."),
+    ] = None,
 ) -> None:
     """Compile POLICY into Envoy bootstraps, the data-plane service's config and Istio manifests under OUT."""
     try:
         _, files = compiler.build(policy, version=__version__, targets=(target.value,) if target else compiler.TARGETS)
+        if target is not None and (out / output.MARKER).exists():
+            kept = {p: t for p, t in output.read_tree(out).items() if compiler.target_of(p) != target.value}
+            files = kept | files
         if check:
             output.check(out, files)
             typer.echo(f"{out} is up to date ({len(files)} files).")

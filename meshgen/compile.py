@@ -29,6 +29,11 @@ TARGETS = ("envoy", "istio")
 """`meshgen build --target`: envoy is Compose and the local lab (with their monitoring), istio the mesh."""
 
 
+def target_of(path: str) -> str:
+    """Which target a file of `generated/` belongs to (by its path relative to it)."""
+    return "istio" if path.startswith("istio/") else "envoy"
+
+
 def render_all(gw: Gateway, targets: tuple[str, ...] = TARGETS) -> list[Document]:
     docs = [doc for target in Target for doc in (*render_envoy(gw, target), render_service_config(gw, target))]
     envoy = [*docs, *render_grafana(gw), *render_prometheus(gw), *render_alertmanager(gw)]

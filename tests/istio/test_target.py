@@ -37,3 +37,15 @@ def test_unknown_target_is_refused(tmp_path: Path) -> None:
         app, ["build", str(ROOT / "policies" / "lab.yaml"), "-o", str(tmp_path), "--target", "k8s"]
     )
     assert result.exit_code == 2
+
+
+def test_one_target_keeps_the_others_files(tmp_path: Path) -> None:
+    out, policy = tmp_path / "out", str(ROOT / "policies" / "lab.yaml")
+    assert CliRunner().invoke(app, ["build", policy, "-o", str(out)]).exit_code == 0
+    both = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    envoy_file = out / "local" / "service.json"
+    envoy_file.write_text(envoy_file.read_text() + " ")  # stale now: an istio-only build must leave it alone
+    result = CliRunner().invoke(app, ["build", policy, "-o", str(out), "--target", "istio"])
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == both
+    assert envoy_file.read_text().endswith(" ")
