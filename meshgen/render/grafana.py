@@ -663,6 +663,11 @@ def _provisioning() -> list[Document]:
     ]
 
 
+def dashboards(gw: Gateway, regions: tuple[Region, ...] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(uid, dashboard) of the overview and of each region (all, or ``regions``)."""
+    return [(dashboard_uid(r), _dashboard(gw, r)) for r in (None, *(gw.regions if regions is None else regions))]
+
+
 def render_grafana(gw: Gateway) -> list[Document]:
     """generated/grafana/: provisioning (datasource + dashboard provider) and one dashboard JSON per scope."""
     dashboards = [

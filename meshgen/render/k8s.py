@@ -23,6 +23,7 @@ from meshgen.render.istio.common import (
 )
 
 MOCK_ADMIN_PORT = 11435
+ISTIO_AGENT_METRICS_PORT = 15020
 
 
 def namespace_doc(region: ir.Region) -> dict[str, Any]:
@@ -57,10 +58,24 @@ def _probe(port: int) -> dict[str, Any]:
     return {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5}
 
 
-def deployment(name: str, region: ir.Region, container: dict[str, Any], volumes: list[Any]) -> dict[str, Any]:
+def scraped(port: int, path: str) -> dict[str, str]:
+    """The pod annotations a Prometheus with Kubernetes pod discovery scrapes by (the usual `prometheus.io/*`)."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": path}
+
+
+def deployment(
+    name: str,
+    region: ir.Region,
+    container: dict[str, Any],
+    volumes: list[Any],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     pod: dict[str, Any] = {"serviceAccountName": name, "containers": [container]}
     if volumes:
         pod["volumes"] = volumes
+    template_meta: dict[str, Any] = {"labels": _labels(name)}
+    if annotations:
+        template_meta["annotations"] = annotations
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -68,7 +83,7 @@ def deployment(name: str, region: ir.Region, container: dict[str, Any], volumes:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": _labels(name)},
-            "template": {"metadata": {"labels": _labels(name)}, "spec": pod},
+            "template": {"metadata": template_meta, "spec": pod},
         },
     }
 
@@ -101,7 +116,14 @@ def ingress_gateway(region: ir.Region, *, first: bool) -> list[dict[str, Any]]:
                 "replicas": 1,
                 "selector": {"matchLabels": gateway_selector(region.name)},
                 "template": {
-                    "metadata": {"annotations": {"inject.istio.io/templates": "gateway"}, "labels": labels},
+                    # Istio's agent serves the gateway Envoy's stats (merged) on 15020.
+                    "metadata": {
+                        "annotations": {
+                            "inject.istio.io/templates": "gateway",
+                            **scraped(ISTIO_AGENT_METRICS_PORT, "/stats/prometheus"),
+                        },
+                        "labels": labels,
+                    },
                     "spec": pod,
                 },
             },
@@ -159,8 +181,18 @@ def data_plane_service(region: ir.Region, gw: ir.Gateway) -> list[dict[str, Any]
     return [
         service_account(SERVICE_NAME, region),
         service(SERVICE_NAME, region, [("http", SERVICE_HTTP_PORT), ("grpc", SERVICE_GRPC_PORT)]),
-        deployment(SERVICE_NAME, region, container, volumes),
+        deployment(SERVICE_NAME, region, container, volumes, scraped(SERVICE_HTTP_PORT, "/metrics")),
     ]
+
+
+def dashboards_config_map(region: ir.Region, dashboards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Grafana's dashboards for the region's namespace, found by Grafana's dashboard sidecar by its label."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**meta("meshgen-dashboards", region.name), "labels": {"grafana_dashboard": "1"}},
+        "data": {f"{uid}.json": json.dumps(board, indent=2) + "\n" for uid, board in dashboards},
+    }
 
 
 def mock_providers(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]:

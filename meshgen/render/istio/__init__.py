@@ -9,6 +9,7 @@ from meshgen.ir import model as ir
 from meshgen.render import k8s
 from meshgen.render.document import Document
 from meshgen.render.extproc_config import service_config
+from meshgen.render.grafana import dashboards
 from meshgen.render.istio.common import doc_path, namespace
 from meshgen.render.istio.destinationrule import destination_rule
 from meshgen.render.istio.envoyfilter import envoy_filter
@@ -52,6 +53,7 @@ def _region_resources(gw: ir.Gateway, region: ir.Region) -> list[dict[str, Any]]
         authorization_policy(gw, region),
         envoy_filter(gw, region),
         telemetry(gw, region),
+        k8s.dashboards_config_map(region, dashboards(gw, (region,))),
     ]
 
 
