@@ -18,7 +18,7 @@ from ext_proc.store.base import Limit
 from meshgen.compile import compile_gateway
 from tests.behaviour.conftest import TEAM_KEY, Running, chat, running_gateway
 from tests.behaviour.test_accounting import used, wait_until_used
-from tests.support.client import Reply
+from tests.support.client import Reply, post_timed
 
 POLICY = """\
 apiVersion: meshgen/v1
@@ -359,28 +359,11 @@ def test_a_hedged_stream_across_schemas_is_won_by_the_first_token(lab: Running, 
     lab.upstream.clear()
     sent_to_processor = "cluster.model_hedged-gpt_chain_stream.ext_proc.stream_msgs_sent"
     before = lab.envoy.stats("cluster.model_hedged-gpt").get(sent_to_processor, 0)
-    start = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
-    body = json.dumps(chat("hedged-gpt", stream=True)).encode()
-    headers = {"content-type": "application/json", "authorization": f"Bearer {TEAM_KEY}"}
-    conn.request(
-        "POST",
-        "/v1/chat/completions",
-        body=body,
-        headers={
-            **headers,
-            "x-mock": ";".join(
-                f"{item}@provider.openai-h.*" for item in (f"ttft_ms={ttft_ms}", "words=40", "event_delay_ms=2")
-            ),
-        },
-    )
-    response = conn.getresponse()
-    first = response.read(1)
-    first_byte_s = time.monotonic() - start
-    answer = first + response.read()
-    conn.close()
-    served = response.getheader("x-meshgen-served-by")
-    assert response.status == 200 and answer.endswith(b"data: [DONE]\n\n")
+    mock = ";".join(f"{item}@provider.openai-h.*" for item in (f"ttft_ms={ttft_ms}", "words=40", "event_delay_ms=2"))
+    headers = {"authorization": f"Bearer {TEAM_KEY}", "x-mock": mock}
+    reply = post_timed(lab.port, chat("hedged-gpt", stream=True), headers, timeout=15)
+    answer, first_byte_s, served = reply.body, reply.first_byte_s, reply.headers.get("x-meshgen-served-by")
+    assert reply.status == 200 and answer.endswith(b"data: [DONE]\n\n")
     chunks = [json.loads(line[6:]) for line in answer.decode().split("\n") if line.startswith("data: {")]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks), "OpenAI's format whoever served"
     if ttft_ms > 1000:

@@ -5,14 +5,12 @@ hedged after 200 ms."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
-from typing import NamedTuple
 
-from tests.behaviour.conftest import Running, chat
+from tests.behaviour.conftest import TEAM_KEY, Running, chat
 from tests.behaviour.test_budgets import metrics
 from tests.behaviour.test_streaming import events
+from tests.support.client import TimedReply, post_timed
 
 SLOWPOKE = "provider.slowpoke.us-east.ep0"
 BACKUP = "provider.backup.us-east.ep0"
@@ -21,31 +19,15 @@ WON = ("meshgen_hedge_wins_total", frozenset({("model", "hedge-model"), ("provid
 HOLDS = "cluster.model_hedge-model_chain_stream.ext_proc.streams_started"
 
 
-class Timed(NamedTuple):
-    status: int
-    served_by: str
-    first_byte_s: float
-    body: bytes
-
-
-def timed_stream(lab: Running, mock: str) -> Timed:
-    conn = http.client.HTTPConnection("127.0.0.1", lab.port, timeout=15)
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-test-team", "x-mock": mock}
-    try:
-        start = time.monotonic()
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("hedge-model", stream=True)), headers=headers)
-        response = conn.getresponse()
-        first = response.read(1)
-        first_byte_s = time.monotonic() - start
-        return Timed(response.status, response.getheader("x-served-by", ""), first_byte_s, first + response.read())
-    finally:
-        conn.close()
+def timed_stream(lab: Running, mock: str) -> TimedReply:
+    headers = {"authorization": f"Bearer {TEAM_KEY}", "x-mock": mock}
+    return post_timed(lab.port, chat("hedge-model", stream=True), headers, timeout=15)
 
 
 def test_a_stream_whose_first_token_is_late_is_hedged_to_the_next_provider(lab: Running) -> None:
     hedges, won = lab.envoy.stats("cluster.model_hedge").get(HEDGES, 0), metrics(lab).get(WON, 0.0)
     reply = timed_stream(lab, f"ttft_ms=1500@{SLOWPOKE}")
-    assert (reply.status, reply.served_by) == (200, BACKUP)
+    assert (reply.status, reply.headers.get("x-served-by")) == (200, BACKUP)
     assert reply.first_byte_s < 1.0, "the hedge's first token came, not the primary's 1.5 s one"
     assert reply.body.endswith(b"data: [DONE]\n\n")
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events(reply.body)).startswith("mock reply")
@@ -57,7 +39,7 @@ def test_a_stream_whose_first_token_is_late_is_hedged_to_the_next_provider(lab: 
 def test_a_stream_whose_first_token_is_early_is_served_whole_by_the_primary(lab: Running) -> None:
     holds = lab.envoy.stats("cluster.model_hedge").get(HOLDS, 0)
     reply = timed_stream(lab, f"ttft_ms=50;chunk_delay_ms=20@{SLOWPOKE}")
-    assert (reply.status, reply.served_by) == (200, SLOWPOKE)
+    assert (reply.status, reply.headers.get("x-served-by")) == (200, SLOWPOKE)
     assert reply.body.endswith(b"data: [DONE]\n\n")
     assert lab.upstream.count(BACKUP) == 0
     assert lab.envoy.stats("cluster.model_hedge")[HOLDS] == holds + 1  # the hold ran, and let it by

@@ -4,8 +4,6 @@ read back."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import re
 import time
 import urllib.request
@@ -20,6 +18,7 @@ from meshgen.lab.providers.client import MockAdmin
 from tests.lab.test_lab_demo import POLICY
 from tests.lab.test_lab_supervised import RunningLab, lab_policy
 from tests.support import require_binary
+from tests.support.client import post_timed
 
 HEDGE_AFTER_S = 2.0  # gpt-4o's hedge.after in policies/lab.yaml
 SLOW_TTFT_MS = 6000
@@ -39,27 +38,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningLab]:
     running.cli("lab", "down")
 
 
-def stream(base_url: str, key: str) -> tuple[int, str | None, float, float, bytes]:
-    """(status, x-meshgen-served-by, seconds to the first byte, seconds in all, body) of one gpt-4o stream."""
+def stream(base_url: str, key: str) -> tuple[int, str | None, float, bytes]:
+    """(status, x-meshgen-served-by, seconds to the first byte, body) of one gpt-4o stream."""
     port = int(base_url.split(":")[2].split("/")[0])
-    body = json.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        start = time.monotonic()
-        conn.request("POST", "/v1/chat/completions", body, {"authorization": f"Bearer {key}"})
-        response = conn.getresponse()
-        first = response.read(1)
-        first_s = time.monotonic() - start
-        rest = response.read()
-        return (
-            response.status,
-            response.getheader("x-meshgen-served-by"),
-            first_s,
-            time.monotonic() - start,
-            first + rest,
-        )
-    finally:
-        conn.close()
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    reply = post_timed(port, body, {"authorization": f"Bearer {key}"})
+    return reply.status, reply.headers.get("x-meshgen-served-by"), reply.first_byte_s, reply.body
 
 
 def service_metric(info: dict[str, Any], name: str, labels: str) -> float:
@@ -73,7 +57,7 @@ def test_a_fast_model_is_not_hedged(lab: RunningLab) -> None:
     """(Before the slow one, which leaves openai ejected for its ejection time.)"""
     info = lab.status()
     base, key = info["regions"]["us-east"]["base_url"], info["tenants"]["platform"]["api_key"]
-    status, served, first_s, _, body = stream(base, key)
+    status, served, first_s, body = stream(base, key)
     assert (status, served) == (200, "openai") and first_s < HEDGE_AFTER_S
     assert body.endswith(b"data: [DONE]\n\n")
 
@@ -99,12 +83,12 @@ def test_slow_model_is_hedged_then_ejected(lab: RunningLab) -> None:
             ejected = list(pool.map(lambda _: stream(base, key), range(3)))
     finally:
         admin.clear_faults()
-    for status, served, _, _, body in hedged + ejected:
+    for status, served, _, body in hedged + ejected:
         assert (status, served) == (200, "anthropic")
         assert body.endswith(b"data: [DONE]\n\n") and b"chat.completion.chunk" in body
-    for _, _, first_s, _, _ in hedged:
+    for _, _, first_s, _ in hedged:
         assert ahead * HEDGE_AFTER_S - 0.1 < first_s < ahead * HEDGE_AFTER_S + 1.5, (ahead, first_s)
-    assert all(first_s < HEDGE_AFTER_S / 2 for _, _, first_s, _, _ in ejected), ejected
+    assert all(first_s < HEDGE_AFTER_S / 2 for _, _, first_s, _ in ejected), ejected
     stats = envoy_stats(info["regions"]["us-east"]["admin_url"], "outlier_detection.ejections_enforced_total")
     assert stats["cluster.provider_openai_us-east.outlier_detection.ejections_enforced_total"] >= 1
     deadline = time.monotonic() + 5  # the access log reaches the service every 0.5 s

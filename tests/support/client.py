@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,3 +44,29 @@ def post(
     finally:
         if own:
             conn.close()
+
+
+@dataclass(frozen=True)
+class TimedReply(Reply):
+    first_byte_s: float
+    """Seconds from sending the request to the first byte of the body."""
+
+
+def post_timed(port: int, body: Mapping[str, Any], headers: Mapping[str, str], *, timeout: float = 30.0) -> TimedReply:
+    """POST /v1/chat/completions and time the first body byte (a stream's first token)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        start = time.monotonic()
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps(body).encode(),
+            headers={"content-type": "application/json", **headers},
+        )
+        response = conn.getresponse()
+        first = response.read(1)
+        first_byte_s = time.monotonic() - start
+        answer = first + response.read()
+        return TimedReply(response.status, {k.lower(): v for k, v in response.getheaders()}, answer, first_byte_s)
+    finally:
+        conn.close()
