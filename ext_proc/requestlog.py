@@ -71,6 +71,9 @@ class RequestLog:
             name: name for name in config.models
         }
         self._streamed: OrderedDict[str, _Streamed] = OrderedDict()
+        self._batch: list[str] | None = None
+        """The lines of the access-log batch being logged: one log record (one write) for the whole batch, since
+        a record per line was a tenth of the service's CPU under load."""
 
     # --- admitted requests: the access log ---
 
@@ -87,12 +90,18 @@ class RequestLog:
             self._streamed.popitem(last=False)
 
     def finished(self, records: Sequence[UsageRecord]) -> None:
-        """One line (and span) per finished admitted request; never raises."""
-        for record in records:
-            try:
-                self._finished(record)
-            except Exception as exc:  # noqa: BLE001 (a log line must never cost a settle)
-                self._log.error(json.dumps({"event": "request_log_error", "error": type(exc).__name__}))
+        """One line (and span) per finished admitted request, the batch's lines in one record; never raises."""
+        self._batch = lines = []
+        try:
+            for record in records:
+                try:
+                    self._finished(record)
+                except Exception as exc:  # noqa: BLE001 (a log line must never cost a settle)
+                    lines.append(json.dumps({"event": "request_log_error", "error": type(exc).__name__}))
+        finally:
+            self._batch = None
+            if lines:
+                self._log.info("\n".join(lines))
 
     def _finished(self, r: UsageRecord) -> None:
         streamed = self._streamed.pop(r.reservation, None)
@@ -201,7 +210,11 @@ class RequestLog:
         )
 
     def _line(self, **fields: Any) -> None:
-        self._log.info(json.dumps({"event": "request", **fields}))
+        line = json.dumps({"event": "request", **fields})
+        if self._batch is None:
+            self._log.info(line)
+        else:
+            self._batch.append(line)
 
 
 def _put(attributes: dict[str, str | int | float | bool], key: str, value: str | int | float | None) -> None:

@@ -6,11 +6,17 @@ get for that chunk: the chunk itself, unless the OpenAI usage event must be hidd
 ``stream_options.include_usage``). Nothing is ever held back except the bytes of an unfinished event *after* the
 answer's last content (the ``finish_reason`` chunk): only there can the usage event be, so content is never
 delayed.
+
+Only the events that can change the count are parsed as they pass: the first, and those whose data shows a
+``usage`` object, a ``finish_reason`` string or (Anthropic) any type but ``content_block_delta``. A plain content
+chunk — almost every event of a stream — is kept as its raw data and parsed only if the stream ends without usage
+and its text must be counted (``json.loads`` per event was the counter's main cost).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 from ext_proc.tokens import count_text
@@ -18,6 +24,9 @@ from ext_proc.tokens import count_text
 __all__ = ["SseCounter", "event_data", "event_end"]
 
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_COUNTS_OPENAI: Final = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"')
+"""An OpenAI chunk that must be parsed now (JSON escapes every quote inside a string, so text cannot match)."""
+_TEXT_ANTHROPIC: Final = re.compile(rb'"type"\s*:\s*"content_block_delta"')
 
 
 def event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
@@ -43,6 +52,19 @@ def event_data(event: bytes) -> bytes | None:
         if line.startswith(b"data:")
     ]
     return b"\n".join(parts) if parts else None
+
+
+def _openai_texts(chunk: dict[str, Any]) -> list[str]:
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return []
+    deltas = [choice.get("delta") for choice in choices if isinstance(choice, dict)]
+    return [d["content"] for d in deltas if isinstance(d, dict) and isinstance(d.get("content"), str)]
+
+
+def _anthropic_texts(event: dict[str, Any]) -> list[str]:
+    delta = event.get("delta") if event.get("type") == "content_block_delta" else None
+    return [delta["text"]] if isinstance(delta, dict) and isinstance(delta.get("text"), str) else []
 
 
 def _count(value: Any) -> int | None:
@@ -78,7 +100,8 @@ class SseCounter:
         ended)."""
         self._in_tail = False
         """The OpenAI answer's content ended (finish_reason seen): hold unfinished events until they are whole."""
-        self._texts: list[str] = []
+        self._texts: list[str | bytes] = []
+        """The streamed text in order: parsed, or the raw data of a content event not parsed yet."""
         self.events = 0
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
@@ -90,7 +113,18 @@ class SseCounter:
 
     def estimated_output_tokens(self) -> int:
         """The streamed text counted with the tokenizer: for a stream whose usage never came."""
-        return count_text("".join(self._texts))
+        return count_text("".join(self._text_of(part) for part in self._texts))
+
+    def _text_of(self, part: str | bytes) -> str:
+        if isinstance(part, str):
+            return part
+        try:
+            payload = json.loads(part)
+        except ValueError:
+            return ""
+        if not isinstance(payload, dict):
+            return ""
+        return "".join(_openai_texts(payload) if self.schema == "openai" else _anthropic_texts(payload))
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one body chunk; return what the client gets for it (``chunk`` itself when nothing is hidden)."""
@@ -141,6 +175,10 @@ class SseCounter:
         data = event_data(event)
         if data is None or data == b"[DONE]":
             return False
+        if self.events and self._plain_text(data):
+            self.events += 1
+            self._texts.append(data)
+            return False
         try:
             payload = json.loads(data)
         except ValueError:
@@ -153,19 +191,20 @@ class SseCounter:
             return False
         return self._openai(payload)
 
+    def _plain_text(self, data: bytes) -> bool:
+        """Whether the event only carries text (parsing it can wait): see the module docstring."""
+        if self.schema == "anthropic":
+            return _TEXT_ANTHROPIC.search(data) is not None and b'"usage"' not in data
+        return _COUNTS_OPENAI.search(data) is None
+
     def _openai(self, chunk: dict[str, Any]) -> bool:
         if self.model is None and isinstance(chunk.get("model"), str):
             self.model = chunk["model"]
         choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                    self._texts.append(delta["content"])
-                if choice.get("finish_reason") is not None:
-                    self._in_tail = True
+        self._texts += _openai_texts(chunk)
+        finished = (c for c in choices if isinstance(c, dict)) if isinstance(choices, list) else ()
+        if any(c.get("finish_reason") is not None for c in finished):
+            self._in_tail = True
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
@@ -177,9 +216,7 @@ class SseCounter:
     def _anthropic(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "content_block_delta":
-            delta = event.get("delta")
-            if isinstance(delta, dict) and isinstance(delta.get("text"), str):
-                self._texts.append(delta["text"])
+            self._texts += _anthropic_texts(event)
         elif kind == "message_start":
             message = event.get("message")
             if isinstance(message, dict):

@@ -135,7 +135,7 @@ class LogLines(logging.Handler):
         self.events: list[dict[str, Any]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.events.append(json.loads(record.getMessage()))
+        self.events += [json.loads(line) for line in record.getMessage().splitlines()]  # a batch: a line each
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == event]

@@ -10,6 +10,7 @@ import pytest
 
 from ext_proc.processor import rewrite_request
 from ext_proc.sse import SseCounter
+from ext_proc.tokens import count_text
 from meshgen.lab.answers import anthropic_events, sse_chunks
 
 
@@ -76,6 +77,20 @@ def test_a_cut_stream_is_estimated_from_the_text_streamed() -> None:
     counter.feed(body[: body.index(b"gamma")])
     assert not counter.has_usage
     assert counter.estimated_output_tokens() > 0
+
+
+@pytest.mark.parametrize("schema", ["openai", "anthropic"])
+def test_a_cut_stream_counts_every_content_event_text_parsed_late_or_not(schema: str) -> None:
+    # Text that looks like the markers a chunk is parsed on, escaped as JSON escapes it inside a string.
+    text = 'say "usage": {1} and "finish_reason": "x" and "type": "message_delta" \u00e9 ok'
+    words = [f"{w} " for w in text.split(" ")]
+    body = sse_chunks(1, "m", "".join(words), {}) if schema == "openai" else anthropic_events(1, "m", "".join(words))
+    cut = body.index(b"data: [DONE]") if schema == "openai" else body.index(b"event: message_delta")
+    counter = SseCounter(schema)
+    replay(counter, split(body[:cut], random.Random(3)))
+    assert counter.input_tokens is None or schema == "anthropic"
+    assert counter.events > len(words)
+    assert counter.estimated_output_tokens() == count_text("".join(words))
 
 
 def test_rewrite_sets_the_model_and_asks_for_usage() -> None:
