@@ -36,6 +36,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 __all__ = [
     "AUTHZ_NAMESPACE",
+    "PROMPT_TOKENS_KEY",
     "REQUEST_NAMESPACE",
     "RESERVATION_KEY",
     "RESPONSE_NAMESPACE",
@@ -56,6 +57,8 @@ RESPONSE_NAMESPACE: Final = "meshgen.resp"
 SERVED_BY_HEADER: Final = "x-meshgen-served-by"
 DOWNGRADED_KEY: Final = "x-meshgen-downgraded-from"
 QUEUED_KEY: Final = "x-meshgen-queued-ms"
+PROMPT_TOKENS_KEY: Final = "x-meshgen-prompt-tokens"
+"""A stream's prompt tokens as admission estimated them (ext_proc settles a stream cut before its usage with it)."""
 TRACE_HEADER: Final = "traceparent"
 
 # (input, output) key pairs in meshgen.resp, first present wins.

@@ -121,6 +121,8 @@ class Reserved:
     downgraded_from: str | None
     """The requested model when the budget moved the request to its downgrade; None otherwise."""
     verdict: Verdict
+    prompt_tokens: int
+    """The prompt's tokens as estimated for the reservation (a stream cut before its usage is settled with it)."""
 
 
 class Ledger:
@@ -161,10 +163,11 @@ class Ledger:
         its own unless a hold queue makes it wait — the HTTP server runs it at once (a Redis call must run in a
         task: redis-py's timeouts need one)."""
 
-    def estimate(self, model: str, request: Mapping[str, Any]) -> Cost:
-        """Prompt tokens counted with the real tokenizer, plus the most the reply may use."""
+    def estimate(self, model: str, request: Mapping[str, Any], prompt: int | None = None) -> Cost:
+        """Prompt tokens counted with the real tokenizer (unless given), plus the most the reply may use."""
         spec = self._config.models[model]
-        prompt = estimate_prompt_tokens(request)
+        if prompt is None:
+            prompt = estimate_prompt_tokens(request)
         completion = _max_tokens(request, spec.max_tokens_default)
         return Cost(prompt + completion, _price(spec, prompt, completion))
 
@@ -209,23 +212,24 @@ class Ledger:
     async def _reserve_in(
         self, store: Store, limits: Limits, tenant: str, model: str, request: Mapping[str, Any], now: float
     ) -> Reserved:
-        cost = self.estimate(model, request)
+        prompt = estimate_prompt_tokens(request)
+        cost = self.estimate(model, request, prompt)
         verdict = await store.reserve(tenant, model, cost, limits, now)
         if verdict.admitted:
             self._saw(store, tenant, verdict, now)
             await self.alerts.observe(tenant, verdict.used, now)
-            return Reserved(verdict.reservation or "", model, None, verdict)
+            return Reserved(verdict.reservation or "", model, None, verdict, prompt)
         refusal = self._refusal(tenant, model, cost, limits, verdict, now)
         target = self._config.models[model].downgrade
         if target is None or verdict.refused_by not in _BUDGET_LIMITS:
             raise refusal
-        down_cost = self.estimate(target, request)
+        down_cost = self.estimate(target, request, prompt)
         down = await store.reserve(tenant, target, down_cost, limits, now)
         if down.admitted:
             self._saw(store, tenant, down, now)
             self.metrics.downgraded(tenant, model)
             await self.alerts.observe(tenant, down.used, now)
-            return Reserved(down.reservation or "", target, model, down)
+            return Reserved(down.reservation or "", target, model, down, prompt)
         if down.refused_by in _BUDGET_LIMITS:
             raise refusal
         raise self._refusal(tenant, target, down_cost, limits, down, now)

@@ -9,19 +9,25 @@ What a stream does is set per route by Envoy, in the stream's initial gRPC metad
   ``upstream_name``), or both, comma-separated;
 - ``x-meshgen-schema``: ``openai`` or ``anthropic`` (the route's provider).
 
-Messages, per request:
+Messages, per request. A stream that is only counted gets nothing but its response body: Envoy's Lua filter on
+its route has already asked an OpenAI provider for usage, and the first message's ``metadata_context`` carries
+what the request headers and body would have told (each message costs ~0.1 ms of CPU and a round trip of time to
+first token). A re-routed request (``rewrite``) gets all three:
 
-1. request headers (SEND): the reservation (``x-meshgen-reservation``, allowed through by ext_authz) and the route
-   header; answered at once, unchanged.
-2. request body (BUFFERED, only where configured: OpenAI streams and rewrites): ``model`` rewritten, and for an
-   OpenAI stream ``stream_options.include_usage`` set so the provider reports usage; content-length follows the
-   new body (ENVOY-FACTS §2: a body mutated without it is a local 500).
+1. request headers (SEND, ``rewrite`` only): the reservation (``x-meshgen-reservation``, allowed through by
+   ext_authz) and the route header; answered at once, unchanged.
+2. request body (BUFFERED, ``rewrite`` only): ``model`` rewritten, and for an OpenAI stream
+   ``stream_options.include_usage`` set so the provider reports usage; content-length follows the new body
+   (ENVOY-FACTS §2: a body mutated without it is a local 500).
 3. response body (STREAMED, ``count`` only): each chunk passes on as it came (or without the usage event the client
-   did not ask for, :mod:`ext_proc.sse`). At ``end_of_stream`` the reservation is settled with the provider's
-   usage; when it never came — the stream was cut (Envoy closes our stream without ``end_of_stream``,
-   ENVOY-FACTS §6) or carried no usage — the output is counted from the streamed text with the tokenizer and the
-   settle is marked estimated. A stream that never produced an event is left to the access log (an error status
-   releases the reservation) or the sweep (the reserved estimate).
+   did not ask for, :mod:`ext_proc.sse`). Without the request messages, the first chunk's metadata gives the
+   reservation and the prompt's estimate (ext_authz's namespace: admission's answer) and, in ``meshgen.stream``
+   (set by the route's Lua filter), ``hide_usage`` (the filter asked for usage the client did not), the request id
+   and the request's start (``start_ms``, for time to first token). At ``end_of_stream`` the reservation is settled
+   with the provider's usage; when it never came — the stream was cut (Envoy closes our stream without
+   ``end_of_stream``, ENVOY-FACTS §6) or carried no usage — the output is counted from the streamed text with the
+   tokenizer and the settle is marked estimated. A stream that never produced an event is left to the access log (an
+   error status releases the reservation) or the sweep (the reserved estimate).
 
 Settling runs in a task of its own: it never delays a chunk.
 
@@ -54,6 +60,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
+from ext_proc.accesslog import AUTHZ_NAMESPACE, PROMPT_TOKENS_KEY, RESERVATION_KEY
 from ext_proc.config import ServiceConfig
 from ext_proc.hold import hold_first_token
 from ext_proc.sse import SseCounter
@@ -68,7 +75,7 @@ JOBS_KEY: Final = "x-meshgen-jobs"
 SCHEMA_KEY: Final = "x-meshgen-schema"
 CHAIN_KEY: Final = "x-meshgen-chain"
 HOLD_KEY: Final = "x-meshgen-hold-ms"
-_RESERVATION: Final = "x-meshgen-reservation"
+STREAM_NAMESPACE: Final = "meshgen.stream"
 _ROUTE: Final = "x-meshgen-route"
 _REQUEST_ID: Final = "x-request-id"
 
@@ -180,6 +187,7 @@ class _Stream:
     __slots__ = (
         "counter",
         "count",
+        "prompt_tokens",
         "request",
         "request_id",
         "reservation",
@@ -196,10 +204,32 @@ class _Stream:
         self.request_id: str | None = None
         self.rewrite_to: str | None = None
         self.request: dict[str, Any] | None = None
+        self.prompt_tokens: int | None = None
         self.counter = SseCounter(schema)
         self.settled = False
         self.started: float | None = None
-        """When the request headers arrived; cleared once the first response chunk is timed."""
+        """When the request started (Unix time, s); cleared once the first response chunk is timed."""
+
+    def read_metadata(self, context: Any) -> None:
+        """What a counted stream's first response chunk brings instead of the request messages (module doc)."""
+        namespaces = context.filter_metadata
+        authz = namespaces[AUTHZ_NAMESPACE].fields if AUTHZ_NAMESPACE in namespaces else {}
+        ours = namespaces[STREAM_NAMESPACE].fields if STREAM_NAMESPACE in namespaces else {}
+        self.reservation = _string_field(authz, RESERVATION_KEY)
+        prompt = _string_field(authz, PROMPT_TOKENS_KEY)
+        self.prompt_tokens = int(prompt) if prompt is not None and prompt.isdigit() else None
+        self.request_id = _string_field(ours, "request_id")
+        self.counter.hide_usage = _string_field(ours, "hide_usage") == "1" and self.schema == "openai"
+        start = ours.get("start_ms")
+        if start is not None and start.WhichOneof("kind") == "number_value":
+            self.started = start.number_value / 1000
+
+
+def _string_field(fields: Any, key: str) -> str | None:
+    value = fields.get(key)
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    return str(value.string_value) or None
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -253,8 +283,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
-                    stream.started = time.monotonic()
-                    stream.reservation = _header(message.request_headers, _RESERVATION)
+                    stream.started = time.time()
+                    stream.reservation = _header(message.request_headers, RESERVATION_KEY)
                     stream.request_id = _header(message.request_headers, _REQUEST_ID)
                     if rewrite:
                         route = _header(message.request_headers, _ROUTE)
@@ -266,8 +296,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     yield _CONTINUE_RESPONSE_HEADERS
                 elif kind == "response_body":
                     body = message.response_body
+                    if stream.reservation is None and not stream.settled and message.HasField("metadata_context"):
+                        stream.read_metadata(message.metadata_context)
                     if stream.started is not None and self._observe_ttft is not None:
-                        self._observe_ttft(time.monotonic() - stream.started)
+                        self._observe_ttft(max(0.0, time.time() - stream.started))
                         stream.started = None
                     yield self._response_body(stream, body)
                     if body.end_of_stream:
@@ -421,6 +453,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         input_tokens = counter.input_tokens
         if input_tokens is None and stream.request is not None:
             input_tokens = estimate_prompt_tokens(stream.request)
+        if input_tokens is None:
+            input_tokens = stream.prompt_tokens
         if input_tokens is None:
             self._log.info(
                 json.dumps(

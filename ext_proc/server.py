@@ -11,8 +11,10 @@ Envoy adds ``traceparent``; it is kept only for a refusal's log line and span (`
   request to the model's downgrade, the 200 also carries ``x-meshgen-route: <downgrade>`` (Envoy routes on it)
   and ``x-meshgen-downgraded-from: <requested>``. A non-critical request refused by rpm or tpm is held
   (``ext_proc/queueing.py``) before it is answered; its 200 then also carries ``x-meshgen-queued-ms`` (how long it
-  waited, to Envoy's metadata: the request's log line). A refusal is logged here, one line per request
-  (:class:`~ext_proc.requestlog.RequestLog`); an admitted request is logged when its access-log entry comes.
+  waited, to Envoy's metadata: the request's log line). A stream's 200 carries ``x-meshgen-prompt-tokens`` (the
+  prompt's estimate, to Envoy's metadata: ext_proc settles a stream cut before its usage with it). A refusal is logged
+  here, one line per request (:class:`~ext_proc.requestlog.RequestLog`); an admitted request is logged when its
+  access-log entry comes.
 - ``GET``/``HEAD /healthz``: 200 ``ok`` (readiness).
 - ``GET /metrics``: Prometheus text exposition (``ext_proc/metrics.py``).
 - anything else: 404 JSON.
@@ -36,6 +38,7 @@ from typing import Any, Final
 
 import httptools
 
+from ext_proc.accesslog import PROMPT_TOKENS_KEY
 from ext_proc.admission import Admission, Admitted, api_key_from_headers
 from ext_proc.config import ServiceConfig
 from ext_proc.errors import (
@@ -71,6 +74,7 @@ _KEEP_ALIVE_10_END: Final = b"connection: keep-alive\r\n\r\n"  # HTTP/1.0 keep-a
 _CLOSE_END: Final = b"connection: close\r\n\r\n"
 _AUTHZ_PREFIX: Final = b"/authz/"
 _NO_BODY: Final = b"\r\ncontent-length: 0\r\n"
+_PROMPT: Final = f"\r\n{PROMPT_TOKENS_KEY}: ".encode()
 _TRACE_HEADER: Final = b"traceparent"
 
 Answer = tuple[bytes, bytes] | Coroutine[Any, Any, tuple[bytes, bytes]]
@@ -237,12 +241,18 @@ class Server:
         except Exception as exc:
             self.log_internal_error(exc)
             return self.refusal(ServiceUnavailable(), priority)
+        stream = admitted.request.get("stream") is True
         if reserved.downgraded_from is None and held_since is None:
-            return self._reserved[admitted.tenant] + reserved.reservation.encode("latin-1") + _NO_BODY, b""
+            head = self._reserved[admitted.tenant] + reserved.reservation.encode("latin-1")
+            if stream:
+                head += _PROMPT + b"%d" % reserved.prompt_tokens
+            return head + _NO_BODY, b""
         headers: tuple[tuple[str, str], ...] = (
             ("x-meshgen-tenant", admitted.tenant),
             ("x-meshgen-reservation", reserved.reservation),
         )
+        if stream:
+            headers += ((PROMPT_TOKENS_KEY, str(reserved.prompt_tokens)),)
         if reserved.downgraded_from is not None:
             headers += (("x-meshgen-route", reserved.model), ("x-meshgen-downgraded-from", reserved.downgraded_from))
         if held_since is not None:  # to Envoy's metadata only: the request's log line says it waited

@@ -23,6 +23,7 @@ _EXTENSION_MODULES = (
     "envoy.extensions.filters.http.fault.v3.fault_pb2",
     "envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2",
     "envoy.extensions.filters.http.local_ratelimit.v3.local_rate_limit_pb2",
+    "envoy.extensions.filters.http.lua.v3.lua_pb2",
     "envoy.extensions.filters.http.rbac.v3.rbac_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
     "envoy.extensions.filters.http.upstream_codec.v3.upstream_codec_pb2",

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from ext_proc.store.base import Limit
-from ext_proc.tokens import count_text
+from ext_proc.tokens import count_text, estimate_prompt_tokens
 from meshgen.compile import compile_gateway
 from meshgen.ir.model import Gateway, Limits
 from tests.behaviour.conftest import DEV_KEY, POLICY, TEAM_KEY, Running, chat, running_gateway
@@ -127,6 +127,29 @@ def test_a_client_that_asked_for_usage_sees_it(lab: Running) -> None:
     wait_until_used(lab, "dev", Limit.TPD, before[Limit.TPD] + 10)
 
 
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        ({}, {"include_usage": True}),
+        ({"include_usage": False}, {"include_usage": True}),
+        (None, {"include_usage": True}),
+        ({"include_usage": True}, {"include_usage": True}),
+    ],
+)
+def test_usage_is_asked_for_whatever_stream_options_the_client_sent(
+    lab: Running, options: dict[str, Any] | None, sent: dict[str, Any]
+) -> None:
+    """Envoy's Lua filter edits the body as text: each shape of the key reaches the provider asking for usage,
+    the body stays valid JSON, and the client sees the usage event only when it asked for it itself."""
+    asked = options == {"include_usage": True}
+    status, body, whole, request_id = stream(lab, chat("dev-model", stream=True, stream_options=options))
+    assert (status, whole) == (200, True)
+    assert lab.upstream.requests(DEV_UPSTREAM)[-1].json()["stream_options"] == sent
+    assert any("usage" in e for e in events(body)) is asked
+    log = wait_settled(lab, request_id)
+    assert (log["input_tokens"], log["output_tokens"], log["estimated"]) == (7, 3, False)
+
+
 @pytest.mark.parametrize("piece", [1, 7, 33])
 def test_events_split_at_odd_byte_boundaries_are_counted_and_passed_on_intact(lab: Running, piece: int) -> None:
     mock = f"chunk_bytes={piece};chunk_delay_ms=1"
@@ -162,6 +185,8 @@ def test_a_stream_cut_midway_is_settled_as_estimated_from_what_was_streamed(lab:
     assert not whole
     log = wait_settled(lab, request_id)
     assert log["estimated"] is True
+    # No usage came: the prompt is admission's estimate, which reached ext_proc in Envoy's metadata.
+    assert log["input_tokens"] == estimate_prompt_tokens(chat("dev-model", stream=True))
     whole_events = events(body[: body.rfind(b"\n\n")])
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in whole_events)
     assert streamed.startswith("w0 w1") and not streamed.endswith("w39 ")

@@ -11,9 +11,11 @@ Gateway filter order (each position has a reason):
 |   |                         | rate limit, RBAC and route use; the only blocking Python call                   |
 | 3 | local_ratelimit         | per-replica RPM backstop (2× the limit the ledger enforces), needs (2)          |
 | 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
-| 5 | ext_proc (gRPC)         | only on streaming and re-routed routes (filters/ext_proc.py): counts SSE usage, |
+| 5 | lua                     | only on counted streaming routes (filters/stream_lua.py): asks OpenAI for the   |
+|   |                         | stream's usage and tells ext_proc what it needs, with no call into Python       |
+| 6 | ext_proc (gRPC)         | only on streaming and re-routed routes (filters/ext_proc.py): counts SSE usage, |
 |   |                         | rewrites the body's model; off everywhere else, so no stream is opened          |
-| 6 | router                  | routes on the model, retries, hedges, mirrors                                   |
+| 7 | router                  | routes on the model, retries, hedges, mirrors                                   |
 
 On the way back json_to_metadata lifts a JSON response's usage and served model into `meshgen.resp`; the gRPC access
 log (access_log.py) takes them, with the reservation ext_authz answered, to the data-plane service.
@@ -33,6 +35,7 @@ from meshgen.render.envoy.filters.fault import fault_filter
 from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
 from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
 from meshgen.render.envoy.filters.rbac import rbac_filter
+from meshgen.render.envoy.filters.stream_lua import stream_lua_filter
 from meshgen.render.envoy.filters.tracing import hcm_tracing
 from meshgen.render.envoy.routes import route_config
 from meshgen.render.envoy.target import Placement
@@ -154,6 +157,7 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         ext_authz_filter(gw),
         *([limiter] if limiter else []),
         rbac_filter(gw),
+        stream_lua_filter(),
         ext_proc_filter(),
         # No x-envoy-* debugging headers from us to providers or back to clients.
         filter_("envoy.filters.http.router", ROUTER, {"suppress_envoy_headers": True}),

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from meshgen.ir import model as ir
-from meshgen.render.envoy.filters import ext_proc
+from meshgen.render.envoy.filters import ext_proc, stream_lua
 from meshgen.render.envoy.types import (
     CLIENT_KEY_HEADERS,
     META_NS,
@@ -148,7 +148,8 @@ def _with_stream(route: dict[str, Any], schema: ext_proc.Schema, *, rewrite: boo
         "name": f"{route['name']}.stream",
         "match": match | {"dynamic_metadata": [*match.get("dynamic_metadata", ()), _IS_STREAM]},
         "route": action,
-        "typed_per_filter_config": ext_proc.on(schema, count=True, rewrite=rewrite),
+        "typed_per_filter_config": ext_proc.on(schema, count=True, rewrite=rewrite)
+        | ({} if rewrite else stream_lua.on(schema)),
     }
     if rewrite:
         route = route | {"typed_per_filter_config": ext_proc.on(schema, count=False, rewrite=True)}
@@ -258,8 +259,9 @@ def route_config(gw: ir.Gateway, region: ir.Region) -> dict[str, Any]:
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                     }
                 ],
-                # ext_proc opens a stream only where a route turns it on (streams, re-routes).
-                "typed_per_filter_config": ext_proc.off(),
+                # ext_proc opens a stream only where a route turns it on (streams, re-routes); Lua runs only on
+                # counted streams.
+                "typed_per_filter_config": ext_proc.off() | stream_lua.off(),
                 "routes": routes,
             }
         ],

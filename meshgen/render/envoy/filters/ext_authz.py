@@ -13,6 +13,7 @@ from meshgen.render.envoy.types import (
     API,
     CLIENT_KEY_HEADERS,
     DOWNGRADED_HEADER,
+    PROMPT_TOKENS_HEADER,
     QUEUED_HEADER,
     RESERVATION_HEADER,
     ROUTE_HEADER,
@@ -50,8 +51,11 @@ def ext_authz_filter(gw: ir.Gateway) -> dict[str, Any]:
                     # (namespace envoy.filters.http.ext_authz), for the access logs; the gRPC one settles the
                     # reservation with the response's usage.
                     # A downgrade and a wait in the queue too: the service's per-request log line says so.
+                    # A stream's prompt estimate: ext_proc settles a stream cut before its usage with it.
                     "dynamic_metadata_from_headers": {
-                        "patterns": _exact(TENANT_HEADER, RESERVATION_HEADER, DOWNGRADED_HEADER, QUEUED_HEADER)
+                        "patterns": _exact(
+                            TENANT_HEADER, RESERVATION_HEADER, DOWNGRADED_HEADER, QUEUED_HEADER, PROMPT_TOKENS_HEADER
+                        )
                     },
                     "allowed_client_headers": {
                         "patterns": [*_exact("content-type", "retry-after"), {"prefix": "x-ratelimit-"}]

@@ -4,14 +4,19 @@ A gRPC stream into Python costs ~0.3 ms of CPU per request (../shared/PERF-FACTS
 the virtual host turns the filter off (`ExtProcPerRoute.disabled`) and only these routes turn it on, each with its
 own processing mode and the job named in the stream's initial metadata (ext_proc/processor.py):
 
-| route                    | job            | request body | response body | failure mode                          |
+| route                    | job            | request      | response body | failure mode                          |
 |--------------------------|----------------|--------------|---------------|---------------------------------------|
-| `model.<m>.stream`       | count          | BUFFERED for | STREAMED      | open: a broken counter never breaks a |
-|                          |                | OpenAI (ask  |               | stream; the reservation then settles  |
-|                          |                | for usage)   |               | as estimated                          |
-| `model.<m>.routed`       | rewrite        | BUFFERED     | none          | closed: a downgrade must not reach    |
-|                          |                |              |               | the cheaper provider as the dear model|
-| `model.<m>.routed.stream`| rewrite, count | BUFFERED     | STREAMED      | closed                                |
+| `model.<m>.stream`       | count          | nothing: Lua | STREAMED      | open: a broken counter never breaks a |
+|                          |                | asks for     |               | stream; the reservation then settles  |
+|                          |                | usage        |               | as estimated                          |
+| `model.<m>.routed`       | rewrite        | headers, body| none          | closed: a downgrade must not reach    |
+|                          |                | (BUFFERED)   |               | the cheaper provider as the dear model|
+| `model.<m>.routed.stream`| rewrite, count | headers, body| STREAMED      | closed                                |
+
+A stream that is only counted opens its gRPC stream at its first response chunk, which carries in its
+`metadata_context` what the request messages would have said (ext_authz's answer; the Lua filter's
+`meshgen.stream`, filters/stream_lua.py): one message fewer per chunk of the request, and no round trip into
+Python before the provider is called.
 
 Why `ExtProcPerRoute` and not `HttpFilter.disabled` + a route's `FilterConfig`: Envoy picks the HCM-disabled filters
 to run when it builds the filter chain, from the route matched on the request headers alone — before
@@ -25,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Final, Literal
 
 from meshgen.render.envoy.access_log import ALS_CLUSTER
-from meshgen.render.envoy.types import API, duration, filter_
+from meshgen.render.envoy.types import API, AUTHZ_META_NS, duration, filter_
 
 NAME = "envoy.filters.http.ext_proc"
 PER_ROUTE = f"{API}.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
@@ -41,12 +46,15 @@ TRANSLATE_TIMEOUT = "1s"
 """One message's bound: a whole request or JSON answer is translated at once (large prompts take longer)."""
 
 Schema = Literal["openai", "anthropic"]
+STREAM_NAMESPACE = "meshgen.stream"
+"""The Lua filter's (filters/stream_lua.py)."""
 
 
-def _mode(*, request_body: bool, response_body: bool) -> dict[str, Any]:
+def _mode(*, request: bool, response_body: bool) -> dict[str, Any]:
     return {
-        "request_header_mode": "SEND",  # the reservation and route headers; a body reply may only mutate then
-        "request_body_mode": "BUFFERED" if request_body else "NONE",
+        # The route header; a body reply may only mutate headers (content-length) when they were sent.
+        "request_header_mode": "SEND" if request else "SKIP",
+        "request_body_mode": "BUFFERED" if request else "NONE",
         "response_header_mode": "SKIP",
         "response_body_mode": "STREAMED" if response_body else "NONE",
         "request_trailer_mode": "SKIP",
@@ -63,7 +71,7 @@ def ext_proc_filter() -> dict[str, Any]:
             "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
             "failure_mode_allow": True,
             "message_timeout": MESSAGE_TIMEOUT,
-            "processing_mode": _mode(request_body=True, response_body=True),
+            "processing_mode": _mode(request=True, response_body=True),
         },
     )
 
@@ -76,11 +84,13 @@ def off() -> dict[str, Any]:
 def on(schema: Schema, *, count: bool, rewrite: bool) -> dict[str, Any]:
     """A route's `typed_per_filter_config` turning the filter on for its job."""
     jobs = ",".join(j for j, wanted in (("rewrite", rewrite), ("count", count)) if wanted)
-    overrides = {
-        "processing_mode": _mode(request_body=rewrite or schema == "openai", response_body=count),
+    overrides: dict[str, Any] = {
+        "processing_mode": _mode(request=rewrite, response_body=count),
         "grpc_initial_metadata": [{"key": JOBS_KEY, "value": jobs}, {"key": SCHEMA_KEY, "value": schema}],
         "failure_mode_allow": not rewrite,
     }
+    if not rewrite:
+        overrides["metadata_options"] = {"forwarding_namespaces": {"untyped": [AUTHZ_META_NS, STREAM_NAMESPACE]}}
     return {NAME: {"@type": PER_ROUTE, "overrides": overrides}}
 
 
