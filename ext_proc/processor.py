@@ -4,19 +4,15 @@ enabled per route: PERF-FACTS.md, a gRPC stream into Python costs ~0.3 ms of CPU
 
 What a stream does is set per route by Envoy, in the stream's initial gRPC metadata:
 
-- ``x-meshgen-jobs``: ``observe`` (a streaming request: count its SSE usage and settle the reservation, watching
-  only), ``rewrite`` (a budget downgrade re-routed by the ``x-meshgen-route`` header: the body's ``model`` becomes
-  the target model's ``upstream_name``), ``rewrite,count`` (a re-routed stream, counted as ``observe`` does but
-  answered: ext_proc/sse.py hides the usage event it asked for), or the upstream jobs below;
+- ``x-meshgen-jobs``: ``count`` (a streaming request: count its SSE usage and settle the reservation), ``rewrite``
+  (a budget downgrade re-routed by the ``x-meshgen-route`` header: the body's ``model`` becomes the target model's
+  ``upstream_name``), or both, comma-separated;
 - ``x-meshgen-schema``: ``openai`` or ``anthropic`` (the route's provider).
 
-A stream that is only counted (``observe``) is watched: Envoy's ``meshgen.count`` filter runs in observability
-mode and sends its response body chunks, waiting for no answer, so the stream never waits for Python. The route's
-Lua filter has asked an OpenAI provider for usage and hides that usage event from a client that did not ask; the
-first chunk's ``metadata_context`` carries what request messages would have told: the reservation and the prompt's
-estimate (ext_authz's namespace: admission's answer) and, in ``meshgen.stream`` (set by the Lua filter), the
-request id and the request's start (``start_ms``, for time to first token). A re-routed request gets, answered one
-by one:
+Messages, per request. A stream that is only counted gets nothing but its response body: Envoy's Lua filter on
+its route has already asked an OpenAI provider for usage, and the first message's ``metadata_context`` carries
+what the request headers and body would have told (each message costs ~0.1 ms of CPU and a round trip of time to
+first token). A re-routed request (``rewrite``) gets all three:
 
 1. request headers (SEND, ``rewrite`` only): the reservation (``x-meshgen-reservation``, allowed through by
    ext_authz) and the route header; answered at once, unchanged.
@@ -24,13 +20,14 @@ by one:
    ``stream_options.include_usage`` set so the provider reports usage; content-length follows the new body
    (ENVOY-FACTS §2: a body mutated without it is a local 500).
 3. response body (STREAMED, ``count`` only): each chunk passes on as it came (or without the usage event the client
-   did not ask for, :mod:`ext_proc.sse`).
-
-Counting, watched or answered: at ``end_of_stream`` the reservation is settled with the provider's usage; when it
-never came — the stream was cut (Envoy closes our stream without ``end_of_stream``, ENVOY-FACTS §6) or carried no
-usage — the output is counted from the streamed text with the tokenizer and the settle is marked estimated. A stream
-that never produced an event is left to the access log (an error status releases the reservation) or the sweep (the
-reserved estimate).
+   did not ask for, :mod:`ext_proc.sse`). Without the request messages, the first chunk's metadata gives the
+   reservation and the prompt's estimate (ext_authz's namespace: admission's answer) and, in ``meshgen.stream``
+   (set by the route's Lua filter), ``hide_usage`` (the filter asked for usage the client did not), the request id
+   and the request's start (``start_ms``, for time to first token). At ``end_of_stream`` the reservation is settled
+   with the provider's usage; when it never came — the stream was cut (Envoy closes our stream without
+   ``end_of_stream``, ENVOY-FACTS §6) or carried no usage — the output is counted from the streamed text with the
+   tokenizer and the settle is marked estimated. A stream that never produced an event is left to the access log (an
+   error status releases the reservation) or the sweep (the reserved estimate).
 
 Settling runs in a task of its own: it never delays a chunk.
 
@@ -214,7 +211,7 @@ class _Stream:
         """When the request started (Unix time, s); cleared once the first response chunk is timed."""
 
     def read_metadata(self, context: Any) -> None:
-        """What a watched stream's first response chunk brings instead of the request messages (module doc)."""
+        """What a counted stream's first response chunk brings instead of the request messages (module doc)."""
         namespaces = context.filter_metadata
         authz = namespaces[AUTHZ_NAMESPACE].fields if AUTHZ_NAMESPACE in namespaces else {}
         ours = namespaces[STREAM_NAMESPACE].fields if STREAM_NAMESPACE in namespaces else {}
@@ -222,6 +219,7 @@ class _Stream:
         prompt = _string_field(authz, PROMPT_TOKENS_KEY)
         self.prompt_tokens = int(prompt) if prompt is not None and prompt.isdigit() else None
         self.request_id = _string_field(ours, "request_id")
+        self.counter.hide_usage = _string_field(ours, "hide_usage") == "1" and self.schema == "openai"
         start = ours.get("start_ms")
         if start is not None and start.WhichOneof("kind") == "number_value":
             self.started = start.number_value / 1000
@@ -279,12 +277,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             async for response in self._translate(request_iterator, chain):
                 yield response
             return
-        schema = str(metadata.get(SCHEMA_KEY, "openai"))
-        if "observe" in jobs:
-            async for response in self._observe(request_iterator, schema):
-                yield response
-            return
-        stream = _Stream(schema, "count" in jobs)
+        stream = _Stream(str(metadata.get(SCHEMA_KEY, "openai")), "count" in jobs)
         rewrite = "rewrite" in jobs
         try:
             async for message in request_iterator:
@@ -303,7 +296,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     yield _CONTINUE_RESPONSE_HEADERS
                 elif kind == "response_body":
                     body = message.response_body
-                    self._timed(stream)
+                    if stream.reservation is None and not stream.settled and message.HasField("metadata_context"):
+                        stream.read_metadata(message.metadata_context)
+                    if stream.started is not None and self._observe_ttft is not None:
+                        self._observe_ttft(max(0.0, time.time() - stream.started))
+                        stream.started = None
                     yield self._response_body(stream, body)
                     if body.end_of_stream:
                         self._finish(stream, cut=False)
@@ -316,34 +313,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return
         finally:
             self._finish(stream, cut=True)  # no-op after a clean end
-
-    async def _observe(self, request_iterator: AsyncIterator[Any], schema: str) -> AsyncIterator[Any]:
-        """A stream that is only counted, watched in observability mode (module docstring): Envoy waits for no
-        answer, so none is sent; the route's Lua filter hides the usage event from a client that did not ask."""
-        stream = _Stream(schema, True)
-        try:
-            async for message in request_iterator:
-                if message.WhichOneof("request") != "response_body":
-                    continue
-                if stream.reservation is None and message.HasField("metadata_context"):
-                    stream.read_metadata(message.metadata_context)
-                self._timed(stream)
-                body = message.response_body
-                stream.counter.feed(body.body)
-                if body.end_of_stream:
-                    stream.counter.finish()
-                    self._finish(stream, cut=False)
-                    return
-        finally:
-            self._finish(stream, cut=True)  # no-op after a clean end
-        return
-        yield  # nothing to answer, yet an async generator like every job's
-
-    def _timed(self, stream: _Stream) -> None:
-        """Time to first token, at the stream's first response chunk."""
-        if stream.started is not None and self._observe_ttft is not None:
-            self._observe_ttft(max(0.0, time.time() - stream.started))
-            stream.started = None
 
     async def _translate(
         self, request_iterator: AsyncIterator[Any], chain: str, *, attempt: _Attempt | None = None

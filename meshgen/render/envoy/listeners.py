@@ -12,13 +12,10 @@ Gateway filter order (each position has a reason):
 | 3 | local_ratelimit         | per-replica RPM backstop (2× the limit the ledger enforces), needs (2)          |
 | 4 | rbac                    | tenant × model, needs (1) and (2); defence in depth behind the service          |
 | 5 | lua                     | only on counted streaming routes (filters/stream_lua.py): asks OpenAI for the   |
-|   |                         | stream's usage, hides it from a client that did not, tells ext_proc the rest;   |
-|   |                         | before ext_proc, so on the way back it runs after ext_proc has seen the usage   |
-| 6 | ext_proc (gRPC)         | only on re-routed routes (filters/ext_proc.py): rewrites the body's model and   |
-|   |                         | counts a re-routed stream; off everywhere else, so no stream is opened          |
-| 7 | meshgen.count (ext_proc)| only on counted streaming routes: watches the SSE usage in observability mode,  |
-|   |                         | so Envoy never waits for Python on a stream                                     |
-| 8 | router                  | routes on the model, retries, hedges, mirrors                                   |
+|   |                         | stream's usage and tells ext_proc what it needs, with no call into Python       |
+| 6 | ext_proc (gRPC)         | only on streaming and re-routed routes (filters/ext_proc.py): counts SSE usage, |
+|   |                         | rewrites the body's model; off everywhere else, so no stream is opened          |
+| 7 | router                  | routes on the model, retries, hedges, mirrors                                   |
 
 On the way back json_to_metadata lifts a JSON response's usage and served model into `meshgen.resp`; the gRPC access
 log (access_log.py) takes them, with the reservation ext_authz answered, to the data-plane service.
@@ -33,7 +30,7 @@ from meshgen.ir import model as ir
 from meshgen.render.envoy.access_log import usage_access_log
 from meshgen.render.envoy.clusters import affinity_headers, direct_name
 from meshgen.render.envoy.filters.ext_authz import ext_authz_filter
-from meshgen.render.envoy.filters.ext_proc import count_filter, ext_proc_filter
+from meshgen.render.envoy.filters.ext_proc import ext_proc_filter
 from meshgen.render.envoy.filters.fault import fault_filter
 from meshgen.render.envoy.filters.json_to_metadata import json_to_metadata_filter
 from meshgen.render.envoy.filters.local_ratelimit import local_ratelimit_filter
@@ -162,7 +159,6 @@ def gateway_listener(gw: ir.Gateway, place: Placement, region: ir.Region) -> dic
         rbac_filter(gw),
         stream_lua_filter(),
         ext_proc_filter(),
-        count_filter(),
         # No x-envoy-* debugging headers from us to providers or back to clients.
         filter_("envoy.filters.http.router", ROUTER, {"suppress_envoy_headers": True}),
     ]

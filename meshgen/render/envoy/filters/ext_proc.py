@@ -4,25 +4,19 @@ A gRPC stream into Python costs ~0.3 ms of CPU per request (../shared/PERF-FACTS
 the virtual host turns the filter off (`ExtProcPerRoute.disabled`) and only these routes turn it on, each with its
 own processing mode and the job named in the stream's initial metadata (ext_proc/processor.py):
 
-| route                    | filter          | job            | request      | response body | failure mode        |
-|--------------------------|-----------------|----------------|--------------|---------------|---------------------|
-| `model.<m>.stream`       | `meshgen.count` | observe        | nothing      | STREAMED,     | open: a broken      |
-|                          | (observability) |                |              | never waited  | counter never breaks|
-|                          |                 |                |              | for           | a stream; the       |
-|                          |                 |                |              |               | reservation then    |
-|                          |                 |                |              |               | settles as estimated|
-| `model.<m>.routed`       | ext_proc        | rewrite        | headers, body| none          | closed: a downgrade |
-|                          |                 |                | (BUFFERED)   |               | must not reach the  |
-|                          |                 |                |              |               | cheaper provider as |
-|                          |                 |                |              |               | the dear model      |
-| `model.<m>.routed.stream`| ext_proc        | rewrite, count | headers, body| STREAMED      | closed              |
+| route                    | job            | request      | response body | failure mode                          |
+|--------------------------|----------------|--------------|---------------|---------------------------------------|
+| `model.<m>.stream`       | count          | nothing: Lua | STREAMED      | open: a broken counter never breaks a |
+|                          |                | asks for     |               | stream; the reservation then settles  |
+|                          |                | usage        |               | as estimated                          |
+| `model.<m>.routed`       | rewrite        | headers, body| none          | closed: a downgrade must not reach    |
+|                          |                | (BUFFERED)   |               | the cheaper provider as the dear model|
+| `model.<m>.routed.stream`| rewrite, count | headers, body| STREAMED      | closed                                |
 
-A stream that is only counted is only watched: `meshgen.count` runs in `observability_mode`, so Envoy never waits for
-Python — not before the provider is called, not for any chunk. What the request messages used to do is done in
-Envoy by the route's Lua filter (filters/stream_lua.py: asks OpenAI for usage, hides the usage event the client did
-not ask for, stamps the request id and start), and what ext_proc needs to know arrives with the first response chunk
-in its `metadata_context` (ext_authz's answer and the Lua filter's `meshgen.stream`). On the way back the response
-passes `meshgen.count` before the Lua filter, so the service sees the usage event the client will not.
+A stream that is only counted opens its gRPC stream at its first response chunk, which carries in its
+`metadata_context` what the request messages would have said (ext_authz's answer; the Lua filter's
+`meshgen.stream`, filters/stream_lua.py): one message fewer per chunk of the request, and no round trip into
+Python before the provider is called.
 
 Why `ExtProcPerRoute` and not `HttpFilter.disabled` + a route's `FilterConfig`: Envoy picks the HCM-disabled filters
 to run when it builds the filter chain, from the route matched on the request headers alone — before
@@ -39,7 +33,6 @@ from meshgen.render.envoy.access_log import ALS_CLUSTER
 from meshgen.render.envoy.types import API, AUTHZ_META_NS, duration, filter_
 
 NAME = "envoy.filters.http.ext_proc"
-COUNT_NAME = "meshgen.count"
 PER_ROUTE = f"{API}.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 MESSAGE_TIMEOUT = "0.3s"
 JOBS_KEY = "x-meshgen-jobs"
@@ -83,38 +76,21 @@ def ext_proc_filter() -> dict[str, Any]:
     )
 
 
-def count_filter() -> dict[str, Any]:
-    """`meshgen.count`, placed after ext_proc: watches the response body of the streams that are only counted."""
-    return filter_(
-        COUNT_NAME,
-        EXT_PROC,
-        {
-            "grpc_service": {"envoy_grpc": {"cluster_name": ALS_CLUSTER}},
-            "failure_mode_allow": True,
-            "observability_mode": True,
-            "processing_mode": _mode(request=False, response_body=True),
-            "metadata_options": {"forwarding_namespaces": {"untyped": [AUTHZ_META_NS, STREAM_NAMESPACE]}},
-        },
-    )
-
-
 def off() -> dict[str, Any]:
-    """The virtual host's default: no stream from either filter."""
-    return {name: {"@type": PER_ROUTE, "disabled": True} for name in (NAME, COUNT_NAME)}
+    """The virtual host's default: no stream."""
+    return {NAME: {"@type": PER_ROUTE, "disabled": True}}
 
 
 def on(schema: Schema, *, count: bool, rewrite: bool) -> dict[str, Any]:
-    """A route's `typed_per_filter_config` turning a filter on for its job: `meshgen.count` for a stream that is
-    only counted, ext_proc for a re-route."""
-    if not rewrite:
-        metadata = [{"key": JOBS_KEY, "value": "observe"}, {"key": SCHEMA_KEY, "value": schema}]
-        return {COUNT_NAME: {"@type": PER_ROUTE, "overrides": {"grpc_initial_metadata": metadata}}}
+    """A route's `typed_per_filter_config` turning the filter on for its job."""
     jobs = ",".join(j for j, wanted in (("rewrite", rewrite), ("count", count)) if wanted)
     overrides: dict[str, Any] = {
-        "processing_mode": _mode(request=True, response_body=count),
+        "processing_mode": _mode(request=rewrite, response_body=count),
         "grpc_initial_metadata": [{"key": JOBS_KEY, "value": jobs}, {"key": SCHEMA_KEY, "value": schema}],
-        "failure_mode_allow": False,
+        "failure_mode_allow": not rewrite,
     }
+    if not rewrite:
+        overrides["metadata_options"] = {"forwarding_namespaces": {"untyped": [AUTHZ_META_NS, STREAM_NAMESPACE]}}
     return {NAME: {"@type": PER_ROUTE, "overrides": overrides}}
 
 

@@ -2,9 +2,7 @@
 round trip into Python (each ext_proc message costs ~0.1 ms of CPU and its latency before the first token).
 
 - OpenAI: asks the provider for the stream's usage (`stream_options.include_usage`) unless the client did, and
-  fixes content-length; then hides that usage event from the client (`meshgen.stream.hide_usage`: ext_proc, which
-  only watches, saw it first). Every byte passes on at once, except, after the answer's last content (the
-  `finish_reason` event), the bytes of an unfinished event until it is whole: only there can the usage event be.
+  fixes content-length; says in `meshgen.stream.hide_usage` whether the client must not see that usage event.
 - Both schemas: the request id and the request's start (`start_ms`) in `meshgen.stream`, which ext_proc reads
   with the first response chunk (ext_proc/processor.py).
 
@@ -26,13 +24,11 @@ NAME = "envoy.filters.http.lua"
 _PER_ROUTE = f"{API}.extensions.filters.http.lua.v3.LuaPerRoute"
 
 _STAMP: Final = f"""
-local NS = "{NAMESPACE}"
-
 local function stamp(h, hide)
   local meta = h:streamInfo():dynamicMetadata()
-  meta:set(NS, "start_ms", h:timestamp())
-  meta:set(NS, "request_id", h:headers():get("x-request-id") or "")
-  meta:set(NS, "hide_usage", hide)
+  meta:set("{NAMESPACE}", "start_ms", h:timestamp())
+  meta:set("{NAMESPACE}", "request_id", h:headers():get("x-request-id") or "")
+  meta:set("{NAMESPACE}", "hide_usage", hide)
 end
 """
 
@@ -63,53 +59,6 @@ local function ask_usage(s)
     return nil
   end
   return string.sub(s, 1, at) .. '"stream_options":{' .. ASK .. '},' .. string.sub(s, at + 1)
-end
-
-local TERMINATOR = "\\r?\\n\\r?\\n"
-
-local function is_usage(event)
-  return string.find(event, '"usage"%s*:%s*{')
-    and (string.find(event, '"choices"%s*:%s*%[%s*%]') or not string.find(event, '"choices"'))
-end
-
-function envoy_on_response(h)
-  local meta = h:streamInfo():dynamicMetadata():get(NS)
-  if not meta or meta["hide_usage"] ~= "1" then
-    return
-  end
-  local tail = false -- the finish_reason event went by
-  local event = "" -- the unfinished event's bytes
-  local sent = 0 -- how many of them the client has
-  for chunk in h:bodyChunks() do
-    local data = event .. chunk:getBytes(0, chunk:length())
-    local out = {}
-    local pos = 1
-    while true do
-      local s, e = string.find(data, TERMINATOR, pos)
-      if not s then
-        break
-      end
-      local whole = string.sub(data, pos, e)
-      local skip = pos == 1 and sent or 0
-      if not (tail and is_usage(whole)) then
-        out[#out + 1] = string.sub(whole, skip + 1)
-      end
-      if not tail and string.find(whole, '"finish_reason"%s*:%s*"') then
-        tail = true
-      end
-      pos = e + 1
-    end
-    local rest = string.sub(data, pos)
-    local skip = pos == 1 and sent or 0
-    -- In the tail only an event that may be JSON is held: "data: [DONE]" never waits for its terminator.
-    if tail and not string.find(rest, "^data: %[") then
-      event, sent = rest, skip
-    else
-      out[#out + 1] = string.sub(rest, skip + 1)
-      event, sent = rest, #rest
-    end
-    chunk:setBytes(table.concat(out))
-  end
 end
 
 function envoy_on_request(h)
