@@ -60,6 +60,7 @@ QUEUED_KEY: Final = "x-meshgen-queued-ms"
 PROMPT_TOKENS_KEY: Final = "x-meshgen-prompt-tokens"
 """A stream's prompt tokens as admission estimated them (ext_proc settles a stream cut before its usage with it)."""
 TRACE_HEADER: Final = "traceparent"
+RETRY_AFTER_HEADER: Final = "retry-after"
 
 # (input, output) key pairs in meshgen.resp, first present wins.
 _USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
@@ -100,6 +101,10 @@ class UsageRecord:
     """When Envoy received the request (Unix time, ns)."""
     duration_ns: int | None = None
     """Until the last byte went to the client."""
+    retry_after_s: float | None = None
+    """The answer's Retry-After, in seconds (absent, or an HTTP date: None)."""
+    overflow: bool = False
+    """Envoy refused the request itself: the circuit breaker to the provider was full (response flag UO)."""
 
 
 OnUsage = Callable[[UsageRecord], Awaitable[object]]
@@ -167,7 +172,19 @@ def usage_from_entry(entry: Any) -> UsageRecord | None:
         queued_ms=int(queued) if queued is not None and queued.isdigit() else None,
         start_ns=common.start_time.ToNanoseconds() if common.HasField("start_time") else None,
         duration_ns=_duration_ns(common),
+        retry_after_s=_seconds(response.response_headers.get(RETRY_AFTER_HEADER)),
+        overflow=common.response_flags.upstream_overflow,
     )
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _duration_ns(common: Any) -> int | None:

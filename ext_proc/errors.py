@@ -17,7 +17,9 @@ Exception tree::
     ├── LimitExceeded             429 rate_limit_error      rate_limit_exceeded (rpm, tpm, tpd; + Retry-After)
     │   └── BudgetExceeded        429 rate_limit_error      insufficient_quota  (usd_per_day)
     └── ServiceUnavailable        503 server_error          service_unavailable (unexpected exception)
-        └── LedgerUnavailable     503 server_error          ledger_unavailable  (store down, policy refuse)
+        ├── LedgerUnavailable     503 server_error          ledger_unavailable  (store down, policy refuse)
+        └── ProviderSaturated     503 server_error          provider_saturated  (non-critical, held in vain;
+                                                                                 + Retry-After)
 
 Any exception that is not an ``ApiError`` is answered as ``ServiceUnavailable``, logged without the request.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "ModelNotAllowed",
     "ModelNotFound",
     "NotFound",
+    "ProviderSaturated",
     "RequestTooLarge",
     "ServiceUnavailable",
     "error_body",
@@ -192,6 +195,16 @@ class LedgerUnavailable(ServiceUnavailable):
     code = "ledger_unavailable"
     authz_status = LEDGER_UNAVAILABLE_AUTHZ_STATUS
     default_message = "Usage accounting is temporarily unavailable, so the request was not admitted. Please retry."
+
+
+class ProviderSaturated(ServiceUnavailable):
+    """A non-critical request waited its tenant's ``queue_max_wait`` for its model's provider, which stayed
+    saturated. Clients see 503 with Retry-After; Envoy's ext_authz call sees :data:`LEDGER_UNAVAILABLE_AUTHZ_STATUS`
+    (a 5xx would be taken as the service failing)."""
+
+    code = "provider_saturated"
+    authz_status = LEDGER_UNAVAILABLE_AUTHZ_STATUS
+    default_message = "The model's provider is saturated; this non-critical request waited in vain. Please retry."
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:

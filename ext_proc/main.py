@@ -23,6 +23,7 @@ from ext_proc.accesslog import OnUsage, OnUsages, UsageRecord, serve_grpc
 from ext_proc.config import ConfigError, ServiceConfig, load_config
 from ext_proc.ledger import Ledger
 from ext_proc.processor import ExternalProcessor, Settle
+from ext_proc.queueing import HoldQueue
 from ext_proc.requestlog import RequestLog
 from ext_proc.server import Server
 from ext_proc.store.base import Store
@@ -148,15 +149,18 @@ def stream_settle(ledger: Ledger, requests: RequestLog | None = None) -> Settle:
     return settle
 
 
-def settle_and_log(ledger: Ledger, requests: RequestLog) -> tuple[OnUsage, OnUsages]:
-    """The access log's callbacks: settle in the ledger, then one line (and span) per request."""
+def settle_and_log(ledger: Ledger, requests: RequestLog, queue: HoldQueue) -> tuple[OnUsage, OnUsages]:
+    """The access log's callbacks: settle in the ledger, then one line (and span) per request; the queue learns
+    which providers are saturated."""
 
     async def on_usage(record: UsageRecord) -> object:
+        queue.saw((record,))
         settled = await ledger.settle(record)
         requests.finished([record])
         return settled
 
     async def on_usages(records: Sequence[UsageRecord]) -> object:
+        queue.saw(records)
         settled = await ledger.settle_many(records)
         requests.finished(records)
         return settled
@@ -172,7 +176,7 @@ async def _serve(config: ServiceConfig, args: argparse.Namespace, logger: loggin
     tracer = Tracer(config.tracing, logger=logger) if config.tracing is not None else None
     requests = RequestLog(config, logger=logger, tracer=tracer)
     server = Server(config, max_body_bytes=args.max_body_bytes, logger=logger, ledger=ledger, requests=requests)
-    on_usage, on_usages = settle_and_log(ledger, requests)
+    on_usage, on_usages = settle_and_log(ledger, requests, server.queue)
     access_log: grpc.aio.Server | None = None
     sweeper = asyncio.create_task(_sweep(ledger, logger))
     reconciler = asyncio.create_task(_reconcile(ledger, logger))

@@ -7,20 +7,29 @@ count), the admission call holds its answer and retries the reservation with bac
 until it fits — 200, as if it had fitted at once — or until ``queue_max_wait`` has passed: then 429 with the last
 refusal's headers (reason ``queue_timeout``). A refusal by the daily budget is never held (it frees only tomorrow).
 
-The queue is bounded per tenant (``max_waiting``, 64): a request arriving to a full queue gets 429 at once (reason
-``queue_full``). Held requests retry independently, so the order they are admitted in is not guaranteed FIFO.
-Envoy's ext_authz timeout is rendered to outlast the longest ``queue_max_wait``.
+Such a request also waits while its model's provider is saturated — before it is reserved, so the wait costs the
+tenant nothing. The access log says so (:meth:`HoldQueue.saw`): an answer of 429, 503 or 529 from the provider itself
+(the entry names it), or Envoy's circuit breaker to it overflowing (UO), makes the provider saturated for the
+answer's Retry-After, else a second. When it still is after ``queue_max_wait``: 503 ``provider_saturated`` with
+Retry-After. Critical requests are never held for this: they go on to the provider, failover and all.
+
+The queue is bounded per tenant (``max_waiting``, 64, both kinds of wait together): a request arriving to a full
+queue gets 429 at once (reason ``queue_full``). Held requests retry independently, so the order they are admitted
+in is not guaranteed FIFO. Envoy's ext_authz timeout is rendered to outlast the longest ``queue_max_wait``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar
 
+from ext_proc.accesslog import UsageRecord
 from ext_proc.config import ServiceConfig
-from ext_proc.errors import LimitExceeded
+from ext_proc.errors import LimitExceeded, ProviderSaturated
 from ext_proc.metrics import Metrics
 
 __all__ = ["HELD_LIMITS", "HoldQueue"]
@@ -29,6 +38,10 @@ T = TypeVar("T")
 
 HELD_LIMITS: Final = frozenset({"rpm", "tpm"})
 MAX_WAITING: Final = 64
+SATURATED: Final = frozenset({429, 503, 529})
+"""A provider's answers that say it has no room (529: Anthropic's "overloaded")."""
+SATURATED_FOR_S: Final = 1.0
+"""How long a provider is taken as saturated after such an answer without Retry-After."""
 
 
 class HoldQueue:
@@ -40,8 +53,12 @@ class HoldQueue:
         max_waiting: int = MAX_WAITING,
         first_backoff_s: float = 0.02,
         max_backoff_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
+        self._clock = clock
+        self._provider_of = {name: model.provider for name, model in config.models.items()}
+        self._saturated_until: dict[str, float] = {}
         self.max_waiting = max_waiting
         self._first_backoff_s = first_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -78,18 +95,12 @@ class HoldQueue:
         """Retry `attempt` (a reservation) until it returns, while it raises a held limit, for at most `max_wait_s`;
         `refused` is the refusal that sent the request here. Raises LimitExceeded when the queue is full or the
         wait is over, and whatever else `attempt` raises at once."""
-        depth = self._waiting.get(tenant, 0)
-        if depth >= self.max_waiting:
-            message = f"{refused.message} The queue of non-critical requests is full ({self.max_waiting} waiting)."
-            raise _again(refused, message, "queue_full")
-        self._waiting[tenant] = depth + 1
-        self._metrics.queued(tenant, depth + 1)
-        start = time.monotonic()
-        deadline = start + max_wait_s
-        delay = self._first_backoff_s
-        last = refused
-        try:
-            while (left := deadline - time.monotonic()) > 0:
+        with self._queued(tenant, refused):
+            start = self._clock()
+            deadline = start + max_wait_s
+            delay = self._first_backoff_s
+            last = refused
+            while (left := deadline - self._clock()) > 0:
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, self._max_backoff_s)
                 try:
@@ -98,10 +109,55 @@ class HoldQueue:
                     if err.limit not in HELD_LIMITS:
                         raise
                     last = err
-            waited_ms = round((time.monotonic() - start) * 1000)
+            waited_ms = round((self._clock() - start) * 1000)
             raise _again(last, f"{last.message} Waited {waited_ms} ms in the queue.", "queue_timeout")
+
+    def saw(self, records: Iterable[UsageRecord]) -> None:
+        """Access-log entries: which providers refused for lack of room, and for how long (module docstring)."""
+        now = self._clock()
+        for record in records:
+            if record.status not in SATURATED:
+                continue
+            provider = record.served_by
+            if provider is None and record.overflow:
+                provider = self._provider_of.get(record.request_model or "")
+            if provider is None:
+                continue  # Envoy's own answer (no healthy provider, a local limit): not a provider out of room
+            until = now + (SATURATED_FOR_S if record.retry_after_s is None else record.retry_after_s)
+            if until > self._saturated_until.get(provider, 0.0):
+                self._saturated_until[provider] = until
+
+    def saturated_for(self, model: str) -> float:
+        """Seconds the model's provider stays saturated (0: it is not)."""
+        until = self._saturated_until.get(self._provider_of.get(model, ""), 0.0)
+        return max(0.0, until - self._clock())
+
+    async def wait_for_provider(self, tenant: str, model: str, max_wait_s: float) -> None:
+        """Return once the model's provider is not saturated, or raise ProviderSaturated after `max_wait_s`
+        (LimitExceeded at once when the queue is full)."""
+        refused = ProviderSaturated(tenant=tenant, model=model)
+        with self._queued(tenant, LimitExceeded(refused.message, tenant=tenant, model=model)):
+            deadline = self._clock() + max_wait_s
+            while (left := self.saturated_for(model)) > 0:
+                if (budget := deadline - self._clock()) <= 0:
+                    retry = str(max(1, math.ceil(left)))
+                    raise ProviderSaturated(tenant=tenant, model=model, headers=(("retry-after", retry),))
+                await asyncio.sleep(min(left, budget, self._max_backoff_s))
+
+    @contextlib.contextmanager
+    def _queued(self, tenant: str, refused: LimitExceeded) -> Iterator[None]:
+        """One place in the tenant's bounded queue, or `refused` as ``queue_full``; the depth and wait metrics."""
+        depth = self._waiting.get(tenant, 0)
+        if depth >= self.max_waiting:
+            message = f"{refused.message} The queue of non-critical requests is full ({self.max_waiting} waiting)."
+            raise _again(refused, message, "queue_full")
+        self._waiting[tenant] = depth + 1
+        self._metrics.queued(tenant, depth + 1)
+        start = self._clock()
+        try:
+            yield
         finally:
-            self._metrics.waited(tenant, time.monotonic() - start)
+            self._metrics.waited(tenant, self._clock() - start)
             remaining = self._waiting[tenant] - 1
             self._waiting[tenant] = remaining
             self._metrics.queued(tenant, remaining)

@@ -6,15 +6,15 @@ Envoy's ext_authz filter (``http_service``, ``path_prefix: /authz``, ``with_requ
 (at most the config's ``max_request_bytes``, unless the server is given another ``max_body_bytes``). With tracing on,
 Envoy adds ``traceparent``; it is kept only for a refusal's log line and span (``ext_proc/requestlog.py``).
 
-- ``/authz`` and ``/authz/…``: admission. 200 with ``x-meshgen-tenant`` and no body allows the request;
-  any other status denies it, and Envoy passes status and body on to the client. When the budget moved the
-  request to the model's downgrade, the 200 also carries ``x-meshgen-route: <downgrade>`` (Envoy routes on it)
-  and ``x-meshgen-downgraded-from: <requested>``. A non-critical request refused by rpm or tpm is held
-  (``ext_proc/queueing.py``) before it is answered; its 200 then also carries ``x-meshgen-queued-ms`` (how long it
-  waited, to Envoy's metadata: the request's log line). A stream's 200 carries ``x-meshgen-prompt-tokens`` (the
-  prompt's estimate, to Envoy's metadata: ext_proc settles a stream cut before its usage with it). A refusal is logged
-  here, one line per request (:class:`~ext_proc.requestlog.RequestLog`); an admitted request is logged when its
-  access-log entry comes.
+- ``/authz`` and ``/authz/…``: admission. 200 with ``x-meshgen-tenant`` and no body allows the request; any other
+  status denies it, and Envoy passes status and body on to the client. When the budget moved the request to the
+  model's downgrade, the 200 also carries ``x-meshgen-route: <downgrade>`` (Envoy routes on it) and
+  ``x-meshgen-downgraded-from: <requested>``. A non-critical request refused by rpm or tpm, or whose model's
+  provider is saturated, is held (``ext_proc/queueing.py``) before it is answered; its 200 then also carries
+  ``x-meshgen-queued-ms`` (how long it waited, to Envoy's metadata: the request's log line). A stream's 200 carries
+  ``x-meshgen-prompt-tokens`` (the prompt's estimate, to Envoy's metadata: ext_proc settles a stream cut before its
+  usage with it). A refusal is logged here, one line per request (:class:`~ext_proc.requestlog.RequestLog`); an
+  admitted request is logged when its access-log entry comes.
 - ``GET``/``HEAD /healthz``: 200 ``ok`` (readiness).
 - ``GET /metrics``: Prometheus text exposition (``ext_proc/metrics.py``).
 - anything else: 404 JSON.
@@ -228,6 +228,11 @@ class Server:
 
         held_since: float | None = None
         try:
+            if self.queue.saturated_for(admitted.model) > 0:
+                wait_s = self.queue.max_wait(admitted.tenant, priority)
+                if wait_s is not None:  # non-critical: wait for the provider before reserving
+                    held_since = time.monotonic()
+                    await self.queue.wait_for_provider(admitted.tenant, admitted.model, wait_s)
             try:
                 reserved = await attempt()
             except LimitExceeded as err:

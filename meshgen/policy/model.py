@@ -168,12 +168,13 @@ class Limits(Strict):
     tpm: int | None = Field(None, ge=1)
     tpd: int | None = Field(None, ge=1)
     usd_per_day: float | None = Field(None, gt=0)
-    """tpm, tpd and usd_per_day: not yet rendered (token economy issue)."""
+    """tpm, tpd and usd_per_day: enforced by the data-plane service's ledger."""
 
 
 class NonCritical(Strict):
-    """Requests carrying `header: value` wait up to `queue_max_wait` while the tenant is over its rpm or tpm, instead
-    of a 429 at once (the service holds its admission answer; Envoy's ext_authz timeout is raised to outlast it)."""
+    """Requests carrying `header: value` wait up to `queue_max_wait` while the tenant is over its rpm or tpm, or while
+    the model's provider is saturated, instead of a 429 (or the provider's refusal) at once (the service holds its
+    admission answer; Envoy's ext_authz timeout is raised to outlast it)."""
 
     header: HeaderName = "x-priority"
     value: str = "low"

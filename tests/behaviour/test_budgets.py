@@ -142,3 +142,42 @@ def test_a_low_priority_request_is_refused_after_its_longest_wait(lab: Running) 
     assert time.monotonic() - started < 0.3
     slow.join(10)
     assert slow_reply[0].status == 200
+
+
+def _saturate(lab: Running, key: str, tenant: str, retry_after: int) -> None:
+    """The provider of dev-model answers one request 429 with Retry-After; return once the service has read that
+    request's access-log entry (its request line is logged after the queue saw it)."""
+    before = len([d for d in logged(lab, "request", tenant) if d["status"] == 429])
+    mock = f"status=429;retry_after={retry_after}"
+    assert lab.post(chat("dev-model", max_tokens=10), key=key, headers={"x-mock": mock}).status == 429
+    deadline = time.monotonic() + 5
+    while len([d for d in logged(lab, "request", tenant) if d["status"] == 429]) == before:
+        assert time.monotonic() < deadline, "the provider's 429 never reached the service's access log"
+        time.sleep(0.02)
+
+
+def test_a_low_priority_request_waits_out_a_saturated_provider_then_is_served(lab: Running) -> None:
+    _away_from_a_minute_boundary()
+    waits = metric(lab, "meshgen_queue_wait_seconds_count", tenant="patient")
+    _saturate(lab, PATIENT_KEY, "patient", retry_after=1)
+    started = time.monotonic()
+    assert lab.post(chat("dev-model", max_tokens=10), key=PATIENT_KEY).status == 200  # critical: never held
+    assert time.monotonic() - started < 0.3
+    started = time.monotonic()
+    reply = lab.post(chat("dev-model", max_tokens=10), key=PATIENT_KEY, headers=LOW)
+    waited = time.monotonic() - started
+    assert reply.status == 200, reply.body
+    assert 0.3 < waited < 1.5, waited
+    assert metric(lab, "meshgen_queue_wait_seconds_count", tenant="patient") == waits + 1
+
+
+def test_a_low_priority_request_gets_503_when_the_provider_stays_saturated(lab: Running) -> None:
+    _saturate(lab, IMPATIENT_KEY, "impatient", retry_after=5)
+    started = time.monotonic()
+    reply = lab.post(chat("dev-model", max_tokens=10), key=IMPATIENT_KEY, headers=LOW)
+    waited = time.monotonic() - started
+    assert reply.status == 503, reply.body
+    assert 0.4 <= waited < 1.2, waited
+    assert reply.json()["error"]["code"] == "provider_saturated"
+    assert 1 <= int(reply.headers["retry-after"]) <= 5
+    assert metric(lab, "meshgen_refusals_total", tenant="impatient", reason="provider_saturated") == 1

@@ -56,8 +56,9 @@ def usage_access_log(*, traced: bool = False) -> dict[str, Any]:
                 "buffer_flush_interval": FLUSH_INTERVAL,
                 "buffer_size_bytes": BUFFER_BYTES,
             },
-            # Which provider answered (the route sets it from the endpoint's metadata): hedges won are counted.
-            "additional_response_headers_to_log": [SERVED_BY_HEADER],
+            # Which provider answered (the route sets it from the endpoint's metadata): hedges won are counted;
+            # with a provider's 429/503, how long it asks to be left alone (non-critical requests wait it out).
+            "additional_response_headers_to_log": [SERVED_BY_HEADER, "retry-after"],
             **({"additional_request_headers_to_log": [TRACE_HEADER]} if traced else {}),
         },
     }
