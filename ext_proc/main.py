@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import grpc
 
@@ -124,9 +125,30 @@ async def _reconcile(ledger: Ledger, logger: logging.Logger, every_s: float = RE
             logger.error(json.dumps({"event": "reconcile_failed", "error": type(exc).__name__}))
 
 
+STREAM_SETTLE_BATCH_S: Final = 0.002
+"""How long a stream's settle waits for others to share its ledger transaction."""
+
+
 def stream_settle(ledger: Ledger, requests: RequestLog | None = None) -> Settle:
-    """The streaming path's settle → :meth:`Ledger.settle`; a cut stream's tokenizer count is marked estimated.
+    """The streaming path's settle → :meth:`Ledger.settle_many`; a cut stream's tokenizer count is marked estimated.
+    The settles of streams ending within :data:`STREAM_SETTLE_BATCH_S` of each other share one ledger call (one store
+    transaction, budget stages checked once per tenant): one per stream cost the service ~10 % of a stream's CPU.
     The counts also wait in ``requests`` for the request's access-log entry (its log line)."""
+    batch: list[tuple[UsageRecord, asyncio.Future[object]]] = []
+
+    async def flush() -> None:
+        taken = batch.copy()
+        batch.clear()
+        try:
+            results = await ledger.settle_many([usage for usage, _ in taken])
+        except Exception as exc:  # noqa: BLE001 (each waiting settle raises it: the processor logs it)
+            for _, waiter in taken:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), result in zip(taken, results, strict=True):
+            if not waiter.done():
+                waiter.set_result(result)
 
     async def settle(
         reservation: str, served_model: str | None, input_tokens: int, output_tokens: int, estimated: bool
@@ -144,7 +166,19 @@ def stream_settle(ledger: Ledger, requests: RequestLog | None = None) -> Settle:
             has_usage=True,
             estimated=estimated,
         )
-        return await ledger.settle(usage)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[object] = loop.create_future()
+        if not batch:
+            loop.call_later(STREAM_SETTLE_BATCH_S, start_flush)
+        batch.append((usage, waiter))
+        return await waiter
+
+    flushing: set[asyncio.Task[None]] = set()
+
+    def start_flush() -> None:
+        task = asyncio.get_running_loop().create_task(flush())
+        flushing.add(task)
+        task.add_done_callback(flushing.discard)
 
     return settle
 

@@ -24,6 +24,7 @@ from ext_proc.accesslog import UsageRecord
 from ext_proc.config import ServiceConfig
 from ext_proc.errors import BudgetExceeded, LimitExceeded
 from ext_proc.ledger import Ledger, Reserved
+from ext_proc.main import stream_settle
 from ext_proc.server import Server
 from ext_proc.store.base import DAY_S, Limit
 from ext_proc.store.sqlite import SqliteStore
@@ -469,3 +470,27 @@ def test_unknown_refusal_exists_for_limit_exceeded_defaults() -> None:
     err = LimitExceeded("x", tenant="t", limit="tpm")
     assert (err.limit, err.reason) == ("tpm", "tpm")
     assert LimitExceeded().reason == "rate_limit_exceeded"
+
+
+def test_streams_ending_together_settle_in_one_ledger_call_each_with_its_own_count(tmp_path: Path) -> None:
+    async def scenario(make: Callable[..., Ledger]) -> None:
+        ledger = make()
+        calls: list[int] = []
+        settle_many = ledger.settle_many
+
+        async def counted(usages: Any) -> Any:
+            calls.append(len(usages))
+            return await settle_many(usages)
+
+        ledger.settle_many = counted  # type: ignore[method-assign]
+        reserved = [await ledger.reserve("counter", "big", ask("big")) for _ in range(3)]
+        settle = stream_settle(ledger)
+        results = await asyncio.gather(
+            *(settle(r.reservation, None, 1, n, False) for n, r in enumerate(reserved, start=1)),
+            settle("no-such-reservation", None, 1, 1, False),
+        )
+        assert calls == [4]
+        assert [(s.cost.tokens if s else None) for s in results] == [2, 3, 4, None]  # type: ignore[attr-defined]
+        assert (await ledger._store.used("counter", T))[Limit.TPD] == 2 + 3 + 4  # each its own count, no estimate
+
+    run(tmp_path, scenario)
