@@ -8,9 +8,11 @@ answer's last content (the ``finish_reason`` chunk): only there can the usage ev
 delayed.
 
 Only the events that can change the count are parsed as they pass: the first, and those whose data shows a
-``usage`` object, a ``finish_reason`` string or (Anthropic) any type but ``content_block_delta``. A plain content
-chunk — almost every event of a stream — is kept as its raw data and parsed only if the stream ends without usage
-and its text must be counted (``json.loads`` per event was the counter's main cost).
+``usage`` object, a ``finish_reason`` string (OpenAI) or a ``message_*`` type (Anthropic). The others — almost every
+event of a stream is a plain content delta — are kept raw and parsed only if the stream ends without usage and its
+text must be counted; a run of them up to the next event that counts is taken in one piece, with one regex search
+(``json.loads`` per event was the counter's main cost). JSON escapes every quote inside a string, so no text can
+look like a marker.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ext_proc.tokens import count_text
 __all__ = ["SseCounter", "event_data", "event_end"]
 
 _EVENT_ENDS: Final = (b"\n\n", b"\r\n\r\n", b"\r\r")
-_COUNTS_OPENAI: Final = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"')
-"""An OpenAI chunk that must be parsed now (JSON escapes every quote inside a string, so text cannot match)."""
-_TEXT_ANTHROPIC: Final = re.compile(rb'"type"\s*:\s*"content_block_delta"')
+_MARKERS: Final = {
+    "openai": re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"'),
+    "anthropic": re.compile(rb'"usage"|"type"\s*:\s*"message_'),
+}
+"""What an event that must be parsed as it passes shows (module docstring)."""
 
 
 def event_end(buffer: bytes | bytearray, start: int) -> tuple[int, int]:
@@ -82,6 +86,7 @@ class SseCounter:
         "_emitted",
         "_in_tail",
         "_texts",
+        "_marker",
         "events",
         "hide_usage",
         "input_tokens",
@@ -92,6 +97,7 @@ class SseCounter:
 
     def __init__(self, schema: str, *, hide_usage: bool = False) -> None:
         self.schema = schema
+        self._marker = _MARKERS.get(schema, _MARKERS["openai"])
         self.hide_usage = hide_usage and schema == "openai"
         self._buffer = bytearray()
         """Bytes of the event not yet complete."""
@@ -101,7 +107,7 @@ class SseCounter:
         self._in_tail = False
         """The OpenAI answer's content ended (finish_reason seen): hold unfinished events until they are whole."""
         self._texts: list[str | bytes] = []
-        """The streamed text in order: parsed, or the raw data of a content event not parsed yet."""
+        """The streamed text in order: parsed, or the raw bytes of events not parsed yet (one, or a run)."""
         self.events = 0
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
@@ -118,13 +124,16 @@ class SseCounter:
     def _text_of(self, part: str | bytes) -> str:
         if isinstance(part, str):
             return part
-        try:
-            payload = json.loads(part)
-        except ValueError:
-            return ""
-        if not isinstance(payload, dict):
-            return ""
-        return "".join(_openai_texts(payload) if self.schema == "openai" else _anthropic_texts(payload))
+        texts: list[str] = []
+        for event in part.split(b"\n\n"):  # a run holds no CR; a single event comes without its terminator
+            data = event_data(event)
+            try:
+                payload = json.loads(data) if data is not None else None
+            except ValueError:
+                continue
+            if isinstance(payload, dict):
+                texts += _openai_texts(payload) if self.schema == "openai" else _anthropic_texts(payload)
+        return "".join(texts)
 
     def feed(self, chunk: bytes) -> bytes:
         """Take one body chunk; return what the client gets for it (``chunk`` itself when nothing is hidden)."""
@@ -135,6 +144,8 @@ class SseCounter:
         changed = start > self._emitted  # bytes held from earlier chunks go out with this one
         pos = 0
         while True:
+            if self.events and not self._in_tail:
+                pos = self._skim(buffer, pos, out)
             end, size = event_end(buffer, max(pos, start - 3))
             if end < 0:
                 break
@@ -159,6 +170,20 @@ class SseCounter:
             return chunk
         return b"".join(out)
 
+    def _skim(self, buffer: bytearray, pos: int, out: list[bytes]) -> int:
+        """Take the whole events from `pos` up to the next one that must be parsed as one raw run, passed on as they
+        came; return where the rest starts."""
+        found = self._marker.search(buffer, pos)
+        cut = buffer.rfind(b"\n\n", pos, len(buffer) if found is None else found.start())
+        if cut < 0 or buffer.find(b"\r", pos, cut) >= 0:
+            return pos
+        run = bytes(buffer[pos : cut + 2])
+        self.events += run.count(b"\n\n")
+        self._texts.append(run)
+        emitted, self._emitted = self._emitted, 0
+        out.append(run[emitted:])
+        return cut + 2
+
     def finish(self) -> bytes:
         """At the end of the body: read an event left without its terminator; return the held bytes the client
         should still get (empty unless an unfinished event was held)."""
@@ -175,9 +200,9 @@ class SseCounter:
         data = event_data(event)
         if data is None or data == b"[DONE]":
             return False
-        if self.events and self._plain_text(data):
+        if self.events and self._marker.search(data) is None:
             self.events += 1
-            self._texts.append(data)
+            self._texts.append(event)
             return False
         try:
             payload = json.loads(data)
@@ -190,12 +215,6 @@ class SseCounter:
             self._anthropic(payload)
             return False
         return self._openai(payload)
-
-    def _plain_text(self, data: bytes) -> bool:
-        """Whether the event only carries text (parsing it can wait): see the module docstring."""
-        if self.schema == "anthropic":
-            return _TEXT_ANTHROPIC.search(data) is not None and b'"usage"' not in data
-        return _COUNTS_OPENAI.search(data) is None
 
     def _openai(self, chunk: dict[str, Any]) -> bool:
         if self.model is None and isinstance(chunk.get("model"), str):

@@ -79,15 +79,16 @@ def test_a_cut_stream_is_estimated_from_the_text_streamed() -> None:
     assert counter.estimated_output_tokens() > 0
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["split", "one-chunk"])
 @pytest.mark.parametrize("schema", ["openai", "anthropic"])
-def test_a_cut_stream_counts_every_content_event_text_parsed_late_or_not(schema: str) -> None:
+def test_a_cut_stream_counts_every_content_event_text_parsed_late_or_not(schema: str, whole: bool) -> None:
     # Text that looks like the markers a chunk is parsed on, escaped as JSON escapes it inside a string.
     text = 'say "usage": {1} and "finish_reason": "x" and "type": "message_delta" \u00e9 ok'
     words = [f"{w} " for w in text.split(" ")]
     body = sse_chunks(1, "m", "".join(words), {}) if schema == "openai" else anthropic_events(1, "m", "".join(words))
     cut = body.index(b"data: [DONE]") if schema == "openai" else body.index(b"event: message_delta")
     counter = SseCounter(schema)
-    replay(counter, split(body[:cut], random.Random(3)))
+    assert replay(counter, [body[:cut]] if whole else split(body[:cut], random.Random(3))) == body[:cut]
     assert counter.input_tokens is None or schema == "anthropic"
     assert counter.events > len(words)
     assert counter.estimated_output_tokens() == count_text("".join(words))
