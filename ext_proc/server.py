@@ -239,7 +239,10 @@ class Server:
                 wait_s = self.queue.max_wait(admitted.tenant, priority) if err.limit in HELD_LIMITS else None
                 if wait_s is None:
                     raise
-                held_since = time.monotonic()
+                if held_since is None:
+                    held_since = time.monotonic()
+                else:  # both waits together stay within queue_max_wait (Envoy's timeout is rendered to outlast it)
+                    wait_s = max(0.0, wait_s - (time.monotonic() - held_since))
                 reserved = await self.queue.hold(admitted.tenant, wait_s, err, attempt)
         except ApiError as err:
             return self.refusal(err, priority)

@@ -25,6 +25,8 @@ from ext_proc.config import ServiceConfig
 from ext_proc.errors import BudgetExceeded, LimitExceeded
 from ext_proc.ledger import Ledger, Reserved
 from ext_proc.main import stream_settle
+from ext_proc.metrics import Metrics
+from ext_proc.queueing import HoldQueue
 from ext_proc.server import Server
 from ext_proc.store.base import DAY_S, Limit
 from ext_proc.store.sqlite import SqliteStore
@@ -494,3 +496,21 @@ def test_streams_ending_together_settle_in_one_ledger_call_each_with_its_own_cou
         assert (await ledger._store.used("counter", T))[Limit.TPD] == 2 + 3 + 4  # each its own count, no estimate
 
     run(tmp_path, scenario)
+
+
+def test_only_a_provider_out_of_room_is_saturated_and_only_for_its_retry_after() -> None:
+    cfg = config()
+    clock = Clock()
+    queue = HoldQueue(cfg, Metrics(cfg), clock=clock)
+
+    def entry(status: int, **extra: Any) -> UsageRecord:
+        return UsageRecord("r", "patient", "small", None, 0, 0, status, False, **extra)
+
+    queue.saw([entry(503), entry(429), entry(500, served_by="b"), entry(200, served_by="b")])
+    assert queue.saturated_for("small") == 0  # Envoy's own answers, and answers that are not "no room"
+    queue.saw([entry(503, overflow=True)])  # Envoy's circuit breaker to the model's provider overflowed
+    assert queue.saturated_for("small") == pytest.approx(1.0)
+    queue.saw([entry(429, served_by="b", retry_after_s=7.0), entry(529, served_by="a")])
+    assert (queue.saturated_for("small"), queue.saturated_for("big")) == (pytest.approx(7.0), pytest.approx(1.0))
+    clock.now += 7.5
+    assert (queue.saturated_for("small"), queue.saturated_for("big")) == (0, 0)
