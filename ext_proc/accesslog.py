@@ -64,6 +64,8 @@ RETRY_AFTER_HEADER: Final = "retry-after"
 
 # (input, output) key pairs in meshgen.resp, first present wins.
 _USAGE_KEYS: Final = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
+CACHED_INPUT_KEYS: Final = ("cache_creation_input_tokens", "cache_read_input_tokens")
+"""Anthropic's cached prompt tokens, counted apart from its ``input_tokens``: part of the input all the same."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ def usage_from_entry(entry: Any) -> UsageRecord | None:
             found_in, found_out = _count(resp, in_key), _count(resp, out_key)
             if found_in is not None or found_out is not None:
                 input_tokens, output_tokens, has_usage = found_in or 0, found_out or 0, True
+                if in_key == "input_tokens":
+                    input_tokens += sum(_count(resp, key) or 0 for key in CACHED_INPUT_KEYS)
                 break
     response = entry.response
     status = response.response_code.value if response.HasField("response_code") else 0

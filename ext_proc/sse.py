@@ -21,6 +21,7 @@ import json
 import re
 from typing import Any, Final
 
+from ext_proc.accesslog import CACHED_INPUT_KEYS
 from ext_proc.tokens import count_text
 
 __all__ = ["SseCounter", "event_data", "event_end"]
@@ -69,6 +70,14 @@ def _openai_texts(chunk: dict[str, Any]) -> list[str]:
 def _anthropic_texts(event: dict[str, Any]) -> list[str]:
     delta = event.get("delta") if event.get("type") == "content_block_delta" else None
     return [delta["text"]] if isinstance(delta, dict) and isinstance(delta.get("text"), str) else []
+
+
+def _anthropic_input(usage: dict[str, Any]) -> int | None:
+    """Anthropic's input: ``input_tokens`` plus the cached prompt tokens it counts apart (prompt caching)."""
+    found = _count(usage.get("input_tokens"))
+    if found is None:
+        return None
+    return found + sum(_count(usage.get(key)) or 0 for key in CACHED_INPUT_KEYS)
 
 
 def _count(value: Any) -> int | None:
@@ -243,7 +252,7 @@ class SseCounter:
                     self.model = message["model"]
                 usage = message.get("usage")
                 if isinstance(usage, dict):
-                    self.input_tokens = _count(usage.get("input_tokens"))
+                    self.input_tokens = _anthropic_input(usage)
                     output = _count(usage.get("output_tokens"))
                     if output is not None:
                         self.output_tokens = output
@@ -255,6 +264,6 @@ class SseCounter:
                 if output is not None:
                     self.output_tokens = output
                 # Cumulative too where present (a stream translated from OpenAI learns its input count only here).
-                found = _count(usage.get("input_tokens"))
+                found = _anthropic_input(usage)
                 if found is not None and (self.input_tokens is None or found > self.input_tokens):
                     self.input_tokens = found

@@ -207,6 +207,23 @@ def test_anthropic_usage_reaches_the_service(stack: Stack) -> None:
     assert (record.input_tokens, record.output_tokens) == (7, 3)
 
 
+def test_anthropic_cached_prompt_tokens_count_as_input(stack: Stack) -> None:
+    usage = {"input_tokens": 5, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 3}
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "usage": usage}
+    answer |= {"content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}
+    message = {"model": "claude-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=15)
+    headers = {"content-type": "application/json", "authorization": "Bearer sk-test-team"}
+    try:
+        body = json.dumps(message | {"user": "cached"}).encode()
+        conn.request("POST", "/v1/messages", body=body, headers=headers | {"x-mock": f"body={json.dumps(answer)}"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    record = stack.als.wait_for("res-cached")
+    assert (record.has_usage, record.input_tokens, record.output_tokens) == (True, 5 + 20 + 100, 3)
+
+
 def test_a_provider_error_and_a_stream_arrive_without_usage(stack: Stack) -> None:
     # 400 is neither retried nor counted against the provider; its error JSON has no usage.
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=15)

@@ -71,6 +71,19 @@ def test_anthropic_input_from_message_start_and_the_last_cumulative_output() -> 
         assert (counter.input_tokens, counter.output_tokens, counter.model) == (7, 3, "claude-x")
 
 
+def test_anthropic_cached_prompt_tokens_are_input_too() -> None:
+    cached = {"cache_creation_input_tokens": 20, "cache_read_input_tokens": 100}
+    start = {
+        "type": "message_start",
+        "message": {"model": "m", "usage": {"input_tokens": 5, "output_tokens": 1} | cached},
+    }
+    delta = {"type": "message_delta", "usage": {"output_tokens": 3}}
+    body = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in (start, delta))
+    counter = SseCounter("anthropic")
+    replay(counter, [body])
+    assert (counter.input_tokens, counter.output_tokens) == (125, 3)
+
+
 def test_a_cut_stream_is_estimated_from_the_text_streamed() -> None:
     body = sse_chunks(1, "m", "alpha beta gamma delta", {})
     counter = SseCounter("openai")

@@ -18,6 +18,9 @@ RESPONSE_FIELDS = (
     (("usage", "completion_tokens"), "NUMBER"),
     (("usage", "input_tokens"), "NUMBER"),
     (("usage", "output_tokens"), "NUMBER"),
+    # Anthropic's prompt caching: cached input is counted apart from input_tokens (OpenAI's prompt_tokens has it).
+    (("usage", "cache_creation_input_tokens"), "NUMBER"),
+    (("usage", "cache_read_input_tokens"), "NUMBER"),
     (("model",), "STRING"),
 )
 """JSON path in the response body → metadata type; the key in `meshgen.resp` is the path's last part."""
