@@ -97,3 +97,8 @@ class OtlpReceiver:
                 raise AssertionError(f"no matching span within {timeout}s; received {got}")
             with self._cond:
                 self._cond.wait(min(left, 0.2))
+
+
+def with_tracing(policy_text: str, receiver: OtlpReceiver) -> str:
+    """A policy's text with tracing turned on, as a user would, exporting to `receiver`."""
+    return policy_text + f'\nobservability: {{otlp_endpoint: "http://127.0.0.1:{receiver.port}"}}\n'

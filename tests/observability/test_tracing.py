@@ -16,22 +16,16 @@ from ext_proc.server import Server
 from meshgen.compile import compile_gateway, render_all
 from meshgen.ir import model as ir
 from tests.behaviour.conftest import DEV_KEY, POLICY, Running, running_gateway
-from tests.observability.otlp import OtlpReceiver, ReceivedSpan
+from tests.observability.otlp import OtlpReceiver, ReceivedSpan, with_tracing
 
 PROMPT = "ZEBRA-PROMPT-8812-do-not-log"
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
 def traced(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     out = tmp_path_factory.mktemp("traced")
     policy = out / "traced.yaml"  # the behaviour policy, with tracing turned on as a user would
-    policy.write_text(POLICY.read_text() + f'\nobservability: {{otlp_endpoint: "http://127.0.0.1:{receiver.port}"}}\n')
+    policy.write_text(with_tracing(POLICY.read_text(), receiver))
     gw = compile_gateway(policy)
     assert gw.tracing == ir.Tracing(otlp_host="127.0.0.1", otlp_port=receiver.port, sample_percent=100)
     with running_gateway(gw, out) as running:

@@ -11,16 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab.test_lab_supervised import RunningLab, lab_policy
-from tests.observability.otlp import OtlpReceiver
+from tests.observability.otlp import OtlpReceiver, with_tracing
 from tests.support import require_binary
 
 PROMPT = "OKAPI-PROMPT-4471-never-logged"
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +22,7 @@ def lab(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Ite
     require_binary("envoy")
     tmp = tmp_path_factory.mktemp("traced-lab")
     policy = lab_policy(tmp)
-    policy.write_text(policy.read_text() + f'\nobservability: {{otlp_endpoint: "http://127.0.0.1:{receiver.port}"}}\n')
+    policy.write_text(with_tracing(policy.read_text(), receiver))
     running = RunningLab(policy, tmp / "generated", tmp / "run")
     code, out = running.up()
     assert code == 0, out
